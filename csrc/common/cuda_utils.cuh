@@ -1,0 +1,70 @@
+// CUDA building blocks: block-wide reductions and the block-parallel runner of the K-element epilogues.
+#pragma once
+#include <cstdint>
+
+#include "common/hd.h"
+
+namespace kdk {
+
+template <class T> __device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+template <class T> __device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = kmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum (or max) over the block, returned to every thread. red: 32 elements of shared memory.
+// Ends with a barrier, so red can be reused at once and writes before the call are visible after it.
+template <class T, bool kMax> __device__ T block_reduce(T v, T* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  v = kMax ? warp_max(v) : warp_sum(v);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    T w = lane < nwarps ? red[lane] : (kMax ? neg_inf<T>() : T(0));
+    w = kMax ? warp_max(w) : warp_sum(w);
+    if (lane == 0) red[32] = w;
+  }
+  __syncthreads();
+  const T out = red[32];
+  __syncthreads();
+  return out;
+}
+
+// Online log-sum-exp pair (max, sum of exp(x - max)) reduced over the block.
+template <class T> __device__ void block_lse_merge(T& m, T& s, T* red) {
+  const T M = block_reduce<T, true>(m, red);
+  T scaled = (m == neg_inf<T>()) ? T(0) : s * kexp(m - M);
+  s = block_reduce<T, false>(scaled, red);
+  m = M;
+}
+
+// Runs the K-loops of a shared epilogue across the block (see SeqReducer for the CPU twin).
+template <class T> struct BlockReducer {
+  T* red;  // 33 elements of shared memory
+  template <class F> __device__ T sum(int K, F f) {
+    T s = 0;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) s += f(k);
+    return block_reduce<T, false>(s, red);
+  }
+  template <class F> __device__ T max(int K, F f) {
+    T m = neg_inf<T>();
+    for (int k = threadIdx.x; k < K; k += blockDim.x) m = kmax(m, f(k));
+    return block_reduce<T, true>(m, red);
+  }
+  template <class F> __device__ void each(int K, F f) {
+    for (int k = threadIdx.x; k < K; k += blockDim.x) f(k);
+    __syncthreads();
+  }
+};
+
+// Vector width (elements per 16-byte load) of a type.
+template <class T> struct Vec16 { static constexpr int n = 16 / sizeof(T); };
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+}  // namespace kdk

@@ -1,0 +1,42 @@
+// Portable math for code compiled both by the host compiler and by nvcc (__host__ __device__).
+#pragma once
+#include <cmath>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define KDK_HD __host__ __device__ __forceinline__
+#else
+#define KDK_HD inline
+#endif
+
+namespace kdk {
+
+template <class T> KDK_HD T neg_inf() { return -std::numeric_limits<T>::infinity(); }
+
+// exp/log/log1p that resolve to the float or double device/host function by argument type.
+KDK_HD float kexp(float x) { return ::expf(x); }
+KDK_HD double kexp(double x) { return ::exp(x); }
+KDK_HD float klog(float x) { return ::logf(x); }
+KDK_HD double klog(double x) { return ::log(x); }
+KDK_HD float klog1p(float x) { return ::log1pf(x); }
+KDK_HD double klog1p(double x) { return ::log1p(x); }
+
+template <class T> KDK_HD T kmax(T a, T b) { return a > b ? a : b; }
+template <class T> KDK_HD T kabs(T a) { return a < T(0) ? -a : a; }
+
+// log(exp(a) + exp(b)) without overflow, -inf when both are -inf.
+template <class T> KDK_HD T logaddexp(T a, T b) {
+  T m = kmax(a, b);
+  if (m == neg_inf<T>()) return m;
+  return m + klog1p(kexp(-kabs(a - b)));
+}
+
+// Merge two (max, sum of exp(x - max)) pairs of an online log-sum-exp.
+template <class T> KDK_HD void lse_merge(T& m, T& s, T m2, T s2) {
+  if (m2 == neg_inf<T>()) return;
+  if (m == neg_inf<T>()) { m = m2; s = s2; return; }
+  if (m2 > m) { s = s * kexp(m - m2) + s2; m = m2; }
+  else { s = s + s2 * kexp(m2 - m); }
+}
+
+}  // namespace kdk

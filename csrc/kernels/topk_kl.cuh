@@ -1,0 +1,169 @@
+// Torch-free CUDA kernels of the fused top-k KL: one block per row; forward = one pass over V for the
+// row's log-sum-exp, a gather of K logits and the shared epilogue; backward = one pass writing the gradient.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "common/cuda_utils.cuh"
+#include "common/topk_kl_math.h"
+
+namespace kdk {
+
+template <class scalar_t, class acc_t, class index_t> struct TopkParams {
+  const scalar_t* logits;  // (N, V), row stride ld
+  const scalar_t* tdense;  // dense mode: teacher (N, V), row stride ld_t
+  const acc_t* tv;         // sparse modes: teacher values (N, K)
+  const index_t* idx;      // sparse modes: teacher ids (N, K)
+  const bool* mask;        // (N,) or null
+  const acc_t* grad_loss;  // backward: (N,)
+  acc_t* loss;             // (N,)
+  acc_t* lse;              // (N,)
+  acc_t* coef;             // (N, K)
+  acc_t* stat;             // (N, 2): G, teacher lse (dense)
+  acc_t* workspace;        // (N, 2K) when the epilogue scratch does not fit in shared memory, else null
+  scalar_t* grad;          // backward: (N, V) contiguous
+  int64_t N, V, ld, ld_t;
+  int K, mode, div, logprobs;
+  acc_t param, inv_t;
+};
+
+// Streams one row, calling f(v, x) for every element; 16-byte loads when the row is aligned.
+template <class scalar_t, class F> __device__ __forceinline__ void for_row(const scalar_t* z, int64_t V, F f) {
+  constexpr int W = Vec16<scalar_t>::n;
+  int64_t start = 0;
+  if (aligned16(z)) {
+    const int64_t nv = V / W;
+    const uint4* zv = reinterpret_cast<const uint4*>(z);
+    for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
+      const uint4 raw = zv[i];
+      scalar_t x[W];
+      memcpy(x, &raw, 16);
+#pragma unroll
+      for (int j = 0; j < W; ++j) f(i * W + j, x[j]);
+    }
+    start = nv * W;
+  }
+  for (int64_t v = start + threadIdx.x; v < V; v += blockDim.x) f(v, z[v]);
+}
+
+// Online (max, sum exp) of x * scale over a row, per thread then over the block.
+template <class scalar_t, class acc_t>
+__device__ acc_t row_lse(const scalar_t* z, int64_t V, acc_t scale, acc_t* red) {
+  acc_t m = neg_inf<acc_t>(), s = 0;
+  for_row(z, V, [&](int64_t, scalar_t raw) {
+    const acc_t x = static_cast<acc_t>(raw) * scale;
+    if (x > m) { s = s * kexp(m - x) + acc_t(1); m = x; }  // rare after the first few elements
+    else s += kexp(x - m);
+  });
+  block_lse_merge(m, s, red);
+  return m == neg_inf<acc_t>() ? m : m + klog(s);
+}
+
+template <class scalar_t, class acc_t, class index_t>
+__global__ void topk_kl_fwd_kernel(TopkParams<scalar_t, acc_t, index_t> p) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* red = reinterpret_cast<acc_t*>(smem_raw);  // 33 for reductions, then the epilogue scratch
+  const acc_t t_scale = p.logprobs ? acc_t(1) : p.inv_t;
+  for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {
+    acc_t* a = p.coef + n * p.K;
+    if (p.mask && !p.mask[n]) {
+      for (int k = threadIdx.x; k < p.K; k += blockDim.x) a[k] = 0;
+      if (threadIdx.x == 0) { p.loss[n] = 0; p.lse[n] = 0; p.stat[2 * n] = 0; p.stat[2 * n + 1] = 0; }
+      continue;
+    }
+    const scalar_t* z = p.logits + n * p.ld;
+    const acc_t lse = row_lse<scalar_t, acc_t>(z, p.V, p.inv_t, red);
+    if (p.mode == kDense) {
+      const scalar_t* y = p.tdense + n * p.ld_t;
+      const acc_t lse_t = row_lse<scalar_t, acc_t>(y, p.V, t_scale, red);
+      acc_t total = 0, H = 0;
+      for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x) {
+        acc_t l, h;
+        bucket<acc_t>(p.div, p.param, static_cast<acc_t>(y[v]) * t_scale - lse_t,
+                      static_cast<acc_t>(z[v]) * p.inv_t - lse, l, h);
+        total += l;
+        H += h;
+      }
+      total = block_reduce<acc_t, false>(total, red);
+      H = block_reduce<acc_t, false>(H, red);
+      if (threadIdx.x == 0) { p.loss[n] = total; p.lse[n] = lse; p.stat[2 * n] = H; p.stat[2 * n + 1] = lse_t; }
+      continue;
+    }
+    acc_t* lq = p.workspace ? p.workspace + n * 2 * p.K : red + 33;
+    acc_t* tv = lq + p.K;
+    for (int k = threadIdx.x; k < p.K; k += blockDim.x) {
+      const int64_t id = static_cast<int64_t>(p.idx[n * p.K + k]);
+      const bool ok = id >= 0 && id < p.V;  // out-of-range ids are dropped, never read
+      lq[k] = ok ? static_cast<acc_t>(z[id]) * p.inv_t - lse : neg_inf<acc_t>();
+      tv[k] = ok ? p.tv[n * p.K + k] : neg_inf<acc_t>();
+    }
+    __syncthreads();
+    BlockReducer<acc_t> r{red};
+    acc_t l, G;
+    topk_epilogue<acc_t>(r, p.K, p.mode, p.div, p.param, p.inv_t, p.logprobs != 0, lq, tv, a, l, G);
+    if (threadIdx.x == 0) { p.loss[n] = l; p.lse[n] = lse; p.stat[2 * n] = G; p.stat[2 * n + 1] = 0; }
+    __syncthreads();  // the scratch is reused by the next row of this block
+  }
+}
+
+// Writes out[v] = f(v, z[v]) over a row; 16-byte loads and stores when both rows are aligned.
+template <class scalar_t, class F>
+__device__ __forceinline__ void map_row(const scalar_t* z, scalar_t* out, int64_t V, F f) {
+  constexpr int W = Vec16<scalar_t>::n;
+  int64_t start = 0;
+  if (aligned16(z) && aligned16(out)) {
+    const int64_t nv = V / W;
+    for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
+      const uint4 raw = reinterpret_cast<const uint4*>(z)[i];
+      scalar_t x[W], o[W];
+      memcpy(x, &raw, 16);
+#pragma unroll
+      for (int j = 0; j < W; ++j) o[j] = f(i * W + j, x[j]);
+      uint4 packed;
+      memcpy(&packed, o, 16);
+      reinterpret_cast<uint4*>(out)[i] = packed;
+    }
+    start = nv * W;
+  }
+  for (int64_t v = start + threadIdx.x; v < V; v += blockDim.x) out[v] = f(v, z[v]);
+}
+
+template <class scalar_t, class acc_t, class index_t>
+__global__ void topk_kl_bwd_kernel(TopkParams<scalar_t, acc_t, index_t> p) {
+  const acc_t t_scale = p.logprobs ? acc_t(1) : p.inv_t;
+  for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {
+    const scalar_t* z = p.logits + n * p.ld;
+    scalar_t* o = p.grad + n * p.V;
+    const acc_t c = p.grad_loss[n] * p.inv_t, G = p.stat[2 * n], lse = p.lse[n];
+    if (c == acc_t(0)) {  // masked rows and zero upstream gradients: exactly zero
+      map_row(z, o, p.V, [&](int64_t, scalar_t) { return scalar_t(0); });
+      continue;
+    }
+    if (p.mode == kDense) {
+      const scalar_t* y = p.tdense + n * p.ld_t;
+      const acc_t lse_t = p.stat[2 * n + 1];
+      map_row(z, o, p.V, [&](int64_t v, scalar_t raw) {
+        const acc_t lq = static_cast<acc_t>(raw) * p.inv_t - lse;
+        acc_t l, h;
+        bucket<acc_t>(p.div, p.param, static_cast<acc_t>(y[v]) * t_scale - lse_t, lq, l, h);
+        return static_cast<scalar_t>(c * (h - kexp(lq) * G));
+      });
+      continue;
+    }
+    const acc_t cg = -c * G;
+    map_row(z, o, p.V, [&](int64_t, scalar_t raw) {
+      return static_cast<scalar_t>(G == acc_t(0) ? acc_t(0) : cg * kexp(static_cast<acc_t>(raw) * p.inv_t - lse));
+    });
+    __syncthreads();  // the dense part is written; now overwrite the K support entries
+    const acc_t* a = p.coef + n * p.K;
+    for (int k = threadIdx.x; k < p.K; k += blockDim.x) {
+      const int64_t id = static_cast<int64_t>(p.idx[n * p.K + k]);
+      if (id < 0 || id >= p.V) continue;  // dropped ids
+      const acc_t q = kexp(static_cast<acc_t>(z[id]) * p.inv_t - lse);
+      o[id] = static_cast<scalar_t>(c * (a[k] - q * G));
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace kdk

@@ -1,0 +1,38 @@
+"""kdkernels: fused CUDA/C++ kernels for knowledge distillation, as drop-in PyTorch losses."""
+__version__ = "0.1.0"
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the torch.ops.kdkernels.* ops)
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "kdkernels: the native extension kdkernels._C failed to load "
+        f"({e}). It is built against one torch version: reinstall from the source tree with "
+        "`pip install --no-build-isolation -e .` in this environment (torch must already be installed)."
+    ) from e
+
+from . import _meta  # noqa: F401,E402  (fake kernels for torch.compile)
+from .functional import teacher_topk, topk_kl_div  # noqa: E402
+from .losses import TopKKLDivLoss  # noqa: E402
+
+
+def build_info() -> dict:
+    """How the extension was built and what this process can run."""
+    import torch
+
+    info = {
+        "kdkernels": __version__,
+        "compiled_with_cuda": _C.compiled_with_cuda(),
+        "cuda_version_built": _C.cuda_version() or None,
+        "cuda_arch_list": _C.cuda_arch_list() or None,
+        "torch_built": _C.torch_version(),
+        "torch_runtime": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+        "cpu_threads": torch.get_num_threads(),
+    }
+    return info
+
+
+__all__ = ["topk_kl_div", "teacher_topk", "TopKKLDivLoss", "build_info", "__version__"]

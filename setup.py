@@ -1,0 +1,99 @@
+"""Builds kdkernels._C: a CUDAExtension when a CUDA toolkit is found, a CppExtension otherwise."""
+import glob
+import os
+import shutil
+import site
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _real_cuda_home():
+    """The toolkit dir holding bin/nvcc, include/cuda_runtime.h and lib64/libcudart.so.
+
+    torch derives CUDA_HOME from `nvcc` on PATH; where that `nvcc` is a wrapper script (as on our CI
+    machines) torch lands in a directory without libcudart, so we resolve the real one ourselves.
+    """
+    def ok(d):
+        return d and all(os.path.exists(os.path.join(d, p))
+                         for p in ("bin/nvcc", "include/cuda_runtime.h"))
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        try:  # a wrapper script that execs the real nvcc: read the path it names
+            with open(nvcc, "r", errors="ignore") as f:
+                for tok in f.read(4096).split():
+                    if tok.endswith("/bin/nvcc"):
+                        candidates.append(os.path.dirname(os.path.dirname(tok)))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for d in candidates:
+        if ok(d):
+            return os.path.realpath(d)
+    return None
+
+
+FORCE_CPU = os.environ.get("KDKERNELS_FORCE_CPU", "0") == "1"
+FORCE_CUDA = os.environ.get("KDKERNELS_FORCE_CUDA", "0") == "1"
+CUDA_HOME = None if FORCE_CPU else _real_cuda_home()
+if CUDA_HOME:
+    # Must happen before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import time.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+elif FORCE_CUDA:
+    sys.exit("KDKERNELS_FORCE_CUDA=1 but no CUDA toolkit (bin/nvcc + include/cuda_runtime.h) was found; "
+             "set CUDA_HOME")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0+PTX")
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+WITH_CUDA = CUDA_HOME is not None and torch.version.cuda is not None
+if FORCE_CUDA and not WITH_CUDA:
+    sys.exit(f"KDKERNELS_FORCE_CUDA=1 but torch {torch.__version__} is a CPU-only build")
+
+
+def _nvidia_include_dirs():
+    """cublas_v2.h / cusparse.h (pulled in by ATen/cuda headers) may live only in torch's nvidia wheels."""
+    dirs = []
+    for sp in site.getsitepackages() + [site.getusersitepackages()] + sys.path:
+        for sub in ("nvidia/cu13/include", "nvidia/cu12/include"):
+            d = os.path.join(sp, sub)
+            if os.path.isdir(d) and d not in dirs:
+                dirs.append(d)
+        dirs += [d for d in sorted(glob.glob(os.path.join(sp, "nvidia", "*", "include")))
+                 if os.path.exists(os.path.join(d, "cublas_v2.h")) and d not in dirs]
+    return dirs
+
+
+def _arch_list():
+    return os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+
+
+cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+# No -std flag: torch's cpp_extension picks the standard its headers need (C++17 for 2.4, C++20 for newer).
+cxx_flags = ["-O3", "-fopenmp-simd"]
+macros = [("KDK_ARCH_LIST", f'"{_arch_list() if WITH_CUDA else ""}"'),
+          ("KDK_TORCH_VERSION", f'"{torch.__version__}"')]
+include_dirs = [os.path.join(ROOT, "csrc")]
+if WITH_CUDA:
+    macros.append(("KDK_WITH_CUDA", None))
+    include_dirs += _nvidia_include_dirs()
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
+                  "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                  "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                  f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
+    ext = CUDAExtension("kdkernels._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
+                        define_macros=macros,
+                        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+else:
+    ext = CppExtension("kdkernels._C", cpu_sources, include_dirs=include_dirs, define_macros=macros,
+                       extra_compile_args={"cxx": cxx_flags})
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
