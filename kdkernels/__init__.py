@@ -1,6 +1,8 @@
 """kdkernels: fused CUDA/C++ kernels for knowledge distillation, as drop-in PyTorch losses."""
 __version__ = "0.1.0"
 
+import torch  # noqa: F401,E402  (loads libtorch/libc10, which _C links against)
+
 try:
     from . import _C  # noqa: F401  (loading it registers the torch.ops.kdkernels.* ops)
 except ImportError as e:  # pragma: no cover - depends on the install

@@ -45,4 +45,4 @@ def _topk_kl_fwd_fake(logits, values, indices, row_mask, mode, divergence, param
 @torch.library.register_fake("kdkernels::topk_kl_bwd")
 def _topk_kl_bwd_fake(grad_loss, logits, values, indices, lse, coef, stat, mode, divergence, param,
                       temperature, values_are_logprobs):
-    return logits.new_empty(logits.shape, memory_format=torch.contiguous_format)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)

@@ -90,8 +90,11 @@ def topk_kl_div(
     for name, val in (("beta", beta), ("skew", skew)):
         if not 0 <= val <= 1:
             raise ValueError(f"{_TOPK}{name} must be in [0, 1]: got {val}")
-    if student_logits.dim() < 1:
-        raise ValueError(f"{_TOPK}student_logits must have a last (vocabulary) dimension: got shape ()")
+    if not temperature > 0:
+        raise ValueError(f"{_TOPK}temperature must be > 0: got {temperature}")
+    if student_logits.dim() < 1 or student_logits.shape[-1] == 0:
+        raise ValueError(f"{_TOPK}student_logits must have a non-empty last (vocabulary) dimension: got shape "
+                         f"{_shape(student_logits.shape)}")
     lead, V = student_logits.shape[:-1], student_logits.shape[-1]
     if mode == "dense":
         if teacher_indices is not None:

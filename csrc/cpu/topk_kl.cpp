@@ -54,7 +54,7 @@ void fwd_rows(const TopkArgs& a, const scalar_t* logits, int64_t ld, const acc_t
         const acc_t* y = as_acc<scalar_t, acc_t>(tv_dense + n * ld_t, V, ybuf);
         const acc_t lse_t = row_lse(y, V, t_scale);
         acc_t total = 0, H = 0;
-        for (int64_t v = 0; v < V; ++v) {
+        for (int64_t v = 0; v < V && lse_t != neg_inf<acc_t>(); ++v) {  // no teacher mass: loss 0
           acc_t l, h;
           bucket<acc_t>(a.div, param, y[v] * t_scale - lse_t, x[v] * inv_t - lse, l, h);
           total += l;
@@ -89,7 +89,8 @@ void bwd_rows(const TopkArgs& a, const acc_t* gl, const scalar_t* logits, int64_
     for (int64_t n = begin; n < end; ++n) {
       scalar_t* o = out + n * V;
       const acc_t c = gl[n] * inv_t, G = stat[2 * n];
-      if (c == acc_t(0)) {  // masked rows (and zero upstream gradients) get exactly zero
+      // Masked rows, zero upstream gradients and dense rows without teacher mass get exactly zero.
+      if (c == acc_t(0) || (a.mode == kDense && stat[2 * n + 1] == neg_inf<acc_t>())) {
         std::fill(o, o + V, scalar_t(0));
         continue;
       }

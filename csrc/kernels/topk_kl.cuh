@@ -77,7 +77,8 @@ __global__ void topk_kl_fwd_kernel(TopkParams<scalar_t, acc_t, index_t> p) {
       const scalar_t* y = p.tdense + n * p.ld_t;
       const acc_t lse_t = row_lse<scalar_t, acc_t>(y, p.V, t_scale, red);
       acc_t total = 0, H = 0;
-      for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x) {
+      const int64_t V = lse_t == neg_inf<acc_t>() ? 0 : p.V;  // no teacher mass: loss 0
+      for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
         acc_t l, h;
         bucket<acc_t>(p.div, p.param, static_cast<acc_t>(y[v]) * t_scale - lse_t,
                       static_cast<acc_t>(z[v]) * p.inv_t - lse, l, h);
@@ -135,7 +136,8 @@ __global__ void topk_kl_bwd_kernel(TopkParams<scalar_t, acc_t, index_t> p) {
     const scalar_t* z = p.logits + n * p.ld;
     scalar_t* o = p.grad + n * p.V;
     const acc_t c = p.grad_loss[n] * p.inv_t, G = p.stat[2 * n], lse = p.lse[n];
-    if (c == acc_t(0)) {  // masked rows and zero upstream gradients: exactly zero
+    // Masked rows, zero upstream gradients and dense rows without teacher mass: exactly zero.
+    if (c == acc_t(0) || (p.mode == kDense && p.stat[2 * n + 1] == neg_inf<acc_t>())) {
       map_row(z, o, p.V, [&](int64_t, scalar_t) { return scalar_t(0); });
       continue;
     }

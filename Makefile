@@ -1,0 +1,41 @@
+# Quick start: `make demo` (set up .venv, build, run the demo) and `make test` (set up, build, run the tests).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CUDA kernels are compiled whenever a CUDA toolkit is found (setup.py, which also sets the
+# default TORCH_CUDA_ARCH_LIST); MAX_JOBS bounds the parallel compile jobs.
+export MAX_JOBS ?= 2
+
+.PHONY: setup build demo test bench cmake-check clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch>=2.4" numpy pybind11 ninja setuptools wheel pytest pytest-benchmark
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(shell find csrc -type f)
+	$(PY) -m pip install -q --no-build-isolation -e .
+	$(PY) -m kdkernels info
+	touch $@
+
+setup: $(VENV)/.built
+build: $(VENV)/.built
+
+demo: $(VENV)/.built
+	$(PY) -m kdkernels demo $(DEMO_ARGS)
+
+test: $(VENV)/.built
+	$(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
+
+bench: $(VENV)/.built
+	$(PY) -m kdkernels bench $(BENCH_ARGS)
+
+# Configure and build CMakeLists.txt (CPU-only) so the native build cannot rot.
+cmake-check: $(VENV)/.deps
+	cmake -S . -B build-cmake -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release \
+	      -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja)
+	cmake --build build-cmake -j $(MAX_JOBS)
+
+clean:
+	rm -rf build build-cmake kdkernels/*.so *.egg-info $(VENV)/.built
