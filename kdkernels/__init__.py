@@ -15,6 +15,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
 from . import _meta  # noqa: F401,E402  (fake kernels for torch.compile)
 from .functional import teacher_topk, topk_kl_div  # noqa: E402
 from .losses import TopKKLDivLoss  # noqa: E402
+from .distill import DistillationLoss, TeacherTargets  # noqa: E402
 
 
 def build_info() -> dict:
@@ -38,3 +39,10 @@ def build_info() -> dict:
 
 
 __all__ = ["topk_kl_div", "teacher_topk", "TopKKLDivLoss", "build_info", "__version__"]
+__all__ += ["DistillationLoss", "TeacherTargets"]
+
+from .linear import LinearTopKKLDivLoss, linear_topk_kl_div  # noqa: E402
+from .parallel import vocab_parallel_linear_topk_kl_div, vocab_parallel_topk_kl_div  # noqa: E402
+
+__all__ += ["linear_topk_kl_div", "LinearTopKKLDivLoss", "vocab_parallel_topk_kl_div",
+            "vocab_parallel_linear_topk_kl_div"]

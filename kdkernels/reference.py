@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["topk_kl_div_ref", "teacher_topk_ref", "TAIL_FLOOR"]
+__all__ = ["topk_kl_div_ref", "teacher_topk_ref", "sparse_rows_ref", "TAIL_FLOOR"]
 
 # The student's tail bucket never goes below this (docs/topk_kl.md): about float32's resolution of
 # 1 - s near 1, so the loss and gradient stay finite when the student puts all its mass on S.
@@ -160,26 +160,39 @@ def _rows(z, t, ids, V, values_are, mode, divergence, beta, skew, T):
         # simply not counted, so it falls into the tail in 'tail' and p̂ renormalises otherwise).
         log_q_s = log_q.gather(-1, torch.where(present, ids, 0))
         log_q_s = torch.where(present, log_q_s, _NEG_INF)
-        ok = present & (t > _NEG_INF)  # ids carrying teacher mass
-        has_mass = ok.any(-1, keepdim=True)
+        return sparse_rows_ref(log_q_s, t, values_are, mode, divergence, beta, skew, T)
 
-        if mode == "tail":
-            # Teacher: p_S = exp(t) (full-vocab probs), tail max(1 - m, 0);
-            # student: q_S, tail max(1 - s, TAIL_FLOOR).
-            log_p_s = torch.where(ok, t, _NEG_INF)
-            m = log_p_s.exp().sum(-1, keepdim=True)
-            s = log_q_s.exp().sum(-1, keepdim=True)
-            log_p = torch.cat([log_p_s, _safe_log((1.0 - m).clamp(min=0.0))], dim=-1)
-            log_q_b = torch.cat([log_q_s, (1.0 - s).clamp(min=TAIL_FLOOR).log()], dim=-1)
-        else:
-            log_p = _masked_log_softmax(t / T if values_are == "logits" else t, ok)
-            if mode == "renorm":
-                log_q_b = log_q_s  # not renormalised: the full-vocab softmax (cross-entropy)
-            else:  # support: q̂ = q_S / s over the ids still in S
-                log_q_b = _masked_log_softmax(log_q_s, present)
-            # A row whose teacher has no mass on its support contributes 0 (docs): empty buckets
-            # on both sides make every divergence exactly 0 with a zero gradient.
-            log_q_b = torch.where(has_mass, log_q_b, _NEG_INF)
+    param = beta if divergence == "jsd" else skew
+    return _DIVERGENCE_FNS[divergence](log_p, log_q_b, param)
+
+
+def sparse_rows_ref(log_q_s, t, values_are, mode, divergence, beta, skew, T):
+    """Un-scaled divergence per row of the sparse modes from the student's full-vocab log-probs at S.
+
+    log_q_s (n, K) is -inf at dropped ids. Differentiable in log_q_s: the vocab-parallel path runs
+    it on all-reduced (n, K) statistics and takes coef = d rows / d log_q_s by autograd.
+    """
+    present = log_q_s > _NEG_INF
+    ok = present & (t > _NEG_INF)  # ids carrying teacher mass
+    has_mass = ok.any(-1, keepdim=True)
+
+    if mode == "tail":
+        # Teacher: p_S = exp(t) (full-vocab probs), tail max(1 - m, 0);
+        # student: q_S, tail max(1 - s, TAIL_FLOOR).
+        log_p_s = torch.where(ok, t, _NEG_INF)
+        m = log_p_s.exp().sum(-1, keepdim=True)
+        s = log_q_s.exp().sum(-1, keepdim=True)
+        log_p = torch.cat([log_p_s, _safe_log((1.0 - m).clamp(min=0.0))], dim=-1)
+        log_q_b = torch.cat([log_q_s, (1.0 - s).clamp(min=TAIL_FLOOR).log()], dim=-1)
+    else:
+        log_p = _masked_log_softmax(t / T if values_are == "logits" else t, ok)
+        if mode == "renorm":
+            log_q_b = log_q_s  # not renormalised: the full-vocab softmax (cross-entropy)
+        else:  # support: q̂ = q_S / s over the ids still in S
+            log_q_b = _masked_log_softmax(log_q_s, present)
+        # A row whose teacher has no mass on its support contributes 0 (docs): empty buckets
+        # on both sides make every divergence exactly 0 with a zero gradient.
+        log_q_b = torch.where(has_mass, log_q_b, _NEG_INF)
 
     param = beta if divergence == "jsd" else skew
     return _DIVERGENCE_FNS[divergence](log_p, log_q_b, param)

@@ -1,0 +1,4 @@
+"""Integrations with training frameworks, each an optional extra.
+
+kdkernels.integrations.hf: DistillationTrainer for Hugging Face transformers (pip install 'kdkernels[hf]').
+"""

@@ -1,0 +1,239 @@
+"""Hugging Face integration: `DistillationTrainer`, a transformers.Trainer that distills.
+
+    pip install "kdkernels[hf]"      # transformers (and accelerate, which its Trainer needs)
+
+    trainer = DistillationTrainer(
+        model=student, args=TrainingArguments(...), train_dataset=ds,       # items: {"input_ids": [...]}
+        teacher=teacher_model,                                              # or teacher_cache=TeacherCache(...)
+        loss=kdkernels.DistillationLoss(ce_weight=0.5, terms={"kd": {"fn": "topk_kl", "weight": 0.5,
+                                                                      "mode": "tail", "k": 64}}),
+    )
+    trainer.train()
+
+Causal LMs: logits at position i are trained towards token i + 1 (labels shifted here, as
+transformers' own causal-LM loss does); the teacher's position i (live or cached) is aligned with
+the student's position i. Every term of the loss is normalised by one count: the number of
+(shifted) labels != -100 over all micro-batches of an optimizer step (this trainer counts them
+itself, so gradient accumulation gives the gradient of the full batch whatever the padding), summed
+over processes when `average_tokens_across_devices` is set.
+
+Logged per step (averaged over the steps since the last log, like `loss`): `loss_ce` and
+`loss_<label>` for each term of the DistillationLoss, unweighted.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+
+try:
+    import transformers
+    from transformers import Trainer
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError("kdkernels.integrations.hf needs transformers: pip install 'kdkernels[hf]' "
+                      "(or pip install transformers accelerate)") from e
+
+from ..cache.reader import CacheCollator, TeacherCache
+from ..distill import DistillationLoss, TeacherTargets
+
+_P = "kdkernels.integrations.hf.DistillationTrainer: "
+_TEACHER_KEYS = ("teacher_values", "teacher_ids", "teacher_lse", "cache_index")
+CONFIG_NAME = "kdkernels_distillation.json"
+
+
+class PadCollator:
+    """Right-pads items {'input_ids': [...], optional 'attention_mask', 'labels'} into tensors; labels
+    default to the input ids, -100 at padding (unshifted: the trainer shifts them)."""
+
+    def __init__(self, pad_id: int = 0):
+        self.pad_id = pad_id
+
+    def __call__(self, items: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        seqs = [torch.as_tensor(it["input_ids"], dtype=torch.long).reshape(-1) for it in items]
+        B, L = len(seqs), max(len(s) for s in seqs)
+        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        attn = torch.zeros(B, L, dtype=torch.long)
+        labels = torch.full((B, L), -100, dtype=torch.long)
+        for b, (s, it) in enumerate(zip(seqs, items)):
+            n = len(s)
+            ids[b, :n] = s
+            attn[b, :n] = torch.as_tensor(it["attention_mask"]).reshape(-1) if "attention_mask" in it else 1
+            labels[b, :n] = torch.as_tensor(it["labels"]).reshape(-1) if "labels" in it else s
+        return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+def _vocab_size(model) -> Optional[int]:
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return int(emb.weight.shape[0])
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "vocab_size", None)
+
+
+def _logits(out) -> torch.Tensor:
+    if hasattr(out, "logits"):
+        return out.logits
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """labels (B, L) -> (B, L): position i holds labels[i + 1]; the last position is ignore_index."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)
+
+
+class DistillationTrainer(Trainer):
+    """A transformers.Trainer whose loss is a kdkernels.DistillationLoss against a teacher.
+
+    loss: the DistillationLoss (required: its weights say what is optimised).
+    teacher: a teacher model (run under no_grad in eval mode on the batch the student sees; it must
+      share the student's tokenizer and vocabulary size), or
+    teacher_cache: a TeacherCache (or its path) built over the training data; the dataset's items
+      carry 'cache_index' (TeacherCache.dataset() gives them), and the default collator
+      (CacheCollator) checks each item's input_ids against the cached tokens.
+    Other arguments are transformers.Trainer's. Without data_collator, sequences are right-padded
+    with the processing_class's pad_token_id (else 0).
+    """
+
+    # compute_loss returns the loss of the whole accumulated batch's normalisation (num_items_in_batch)
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, loss: DistillationLoss, teacher: Optional[torch.nn.Module] = None,
+                 teacher_cache: Union[TeacherCache, str, os.PathLike, None] = None, **kwargs):
+        if not isinstance(loss, DistillationLoss):
+            raise TypeError(f"{_P}loss must be a kdkernels.DistillationLoss: got {type(loss).__name__}")
+        if teacher is not None and teacher_cache is not None:
+            raise ValueError(f"{_P}pass a teacher model or a teacher cache, not both")
+        if loss.terms and teacher is None and teacher_cache is None:
+            raise ValueError(f"{_P}the loss has distillation terms {sorted(loss.terms)}: pass teacher= (a model) or "
+                             "teacher_cache= (a TeacherCache or its path)")
+        if loss.ignore_index != -100:
+            raise ValueError(f"{_P}the loss's ignore_index must be -100 (the label of padding in transformers and in "
+                             f"these collators): got {loss.ignore_index}")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(f"{_P}compute_loss_func is replaced by loss=; pass only one")
+        proc = kwargs.get("processing_class", kwargs.get("tokenizer"))
+        pad_id = getattr(proc, "pad_token_id", None)
+        pad_id = 0 if pad_id is None else int(pad_id)
+        model = kwargs.get("model", args[0] if args else None)
+        student_v = _vocab_size(model) if model is not None else None
+        if teacher_cache is not None and not isinstance(teacher_cache, TeacherCache):
+            teacher_cache = TeacherCache(os.fspath(teacher_cache), vocab_size=student_v)
+        if teacher_cache is not None and student_v is not None and teacher_cache.vocab_size != student_v:
+            raise ValueError(f"{_P}the teacher cache {teacher_cache.index_path} was built for vocab_size "
+                             f"{teacher_cache.vocab_size}, but the student's vocabulary has {student_v} entries")
+        if teacher is not None and student_v is not None:
+            tv = _vocab_size(teacher)
+            if tv is not None and tv != student_v:
+                raise ValueError(f"{_P}the teacher's vocabulary has {tv} entries and the student's {student_v}: "
+                                 "distillation needs the same tokenizer and vocabulary size")
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = CacheCollator(teacher_cache, pad_id) if teacher_cache is not None \
+                else PadCollator(pad_id)
+        super().__init__(*args, **kwargs)
+        if self.args.label_smoothing_factor:
+            raise ValueError(f"{_P}TrainingArguments.label_smoothing_factor would be ignored (the loss is the "
+                             "DistillationLoss): pass DistillationLoss(label_smoothing=...) instead")
+        self.loss = loss
+        self.teacher = teacher
+        self.teacher_cache = teacher_cache
+        # transformers versions without `loss_is_scaled_for_ga` decide from this whether compute_loss's loss is
+        # already normalised for gradient accumulation (it is: by num_items_in_batch)
+        self.model_accepts_loss_kwargs = True
+        if teacher is not None:
+            if getattr(self, "place_model_on_device", True):
+                teacher.to(self.args.device)
+            teacher.eval()
+            teacher.requires_grad_(False)
+        self._kd_sums: Dict[str, torch.Tensor] = {}
+        self._kd_last_step = 0
+
+    # ------------------------------------------------------------------------------------ data
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for key in _TEACHER_KEYS + ("labels", "input_ids", "attention_mask"):
+            if key not in self._signature_columns:
+                self._signature_columns.append(key)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
+        """Collect the micro-batches of one optimizer step and count their (shifted) labels != -100."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
+        if not batch_samples:
+            return batch_samples, None
+        if any("labels" not in b for b in batch_samples):
+            raise ValueError(f"{_P}a batch has no 'labels' (the default collators make them from input_ids)")
+        count = sum((b["labels"][..., 1:] != self.loss.ignore_index).sum() for b in batch_samples)
+        count = torch.as_tensor(count, device=self.args.device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return batch_samples, count
+
+    # ------------------------------------------------------------------------------------ loss
+    def _teacher_targets(self, inputs: Dict[str, Any], cached: Dict[str, Any]) -> Optional[TeacherTargets]:
+        if not self.loss.terms:
+            return None
+        if self.teacher_cache is not None:
+            if "teacher_values" not in cached or "teacher_ids" not in cached:
+                raise ValueError(f"{_P}the batch has no teacher_values/teacher_ids: with teacher_cache= the data "
+                                 "collator must be a CacheCollator (the default) and items must carry 'cache_index'")
+            return TeacherTargets(values=cached["teacher_values"], ids=cached["teacher_ids"],
+                                  temperature=self.teacher_cache.temperature, lse=cached.get("teacher_lse"))
+        need_hidden = any(getattr(t, "needs_hidden_states", False) for t in self.loss.terms.values())
+        with torch.no_grad():
+            out = self.teacher(**inputs, **({"output_hidden_states": True} if need_hidden else {}))
+        return TeacherTargets(logits=_logits(out), hidden_states=getattr(out, "hidden_states", None))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            raise ValueError(f"{_P}the batch has no 'labels' (the default collators make them from input_ids)")
+        cached = {k: inputs.pop(k) for k in _TEACHER_KEYS if k in inputs}
+        need_hidden = any(getattr(t, "needs_hidden_states", False) for t in self.loss.terms.values())
+        outputs = model(**inputs, **({"output_hidden_states": True} if need_hidden else {}))
+        logits = _logits(outputs)
+        teacher = self._teacher_targets(inputs, cached)
+        # Outside training (evaluation) each batch is its own mean; in training num_items_in_batch is our count.
+        num_items = num_items_in_batch if model.training else None
+        out = self.loss(logits, shift_labels(labels, self.loss.ignore_index), teacher=teacher, num_items=num_items,
+                        student_hidden_states=getattr(outputs, "hidden_states", None))
+        loss = out.loss
+        scale = 1
+        if (model.training and num_items is not None and self.args.average_tokens_across_devices
+                and self.args.world_size > 1):
+            scale = self.args.world_size  # DDP averages gradients; the count was summed over processes
+            loss = loss * scale
+        if model.training:
+            for label, value in out.terms.items():
+                v = value.detach().float() * scale
+                self._kd_sums[label] = self._kd_sums[label] + v if label in self._kd_sums else v
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------------ logs
+    def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._kd_sums:
+            steps = max(self.state.global_step - self._kd_last_step, 1)
+            for label, total in self._kd_sums.items():
+                if self.args.world_size > 1:
+                    total = self.accelerator.gather(total.reshape(1)).mean()
+                logs[f"loss_{label}"] = round(float(total) / steps, 6)
+            self._kd_sums = {}
+            self._kd_last_step = self.state.global_step
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------ save
+    def _save(self, output_dir: Optional[str] = None, state_dict=None):
+        super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            info = {"loss": self.loss.config(), "kdkernels_teacher": (
+                {"cache": self.teacher_cache.path, "dataset_hash": self.teacher_cache.dataset_hash,
+                 "tokenizer_hash": self.teacher_cache.tokenizer_hash, "k": self.teacher_cache.k,
+                 "temperature": self.teacher_cache.temperature}
+                if self.teacher_cache is not None else
+                {"model": type(self.teacher).__name__ if self.teacher is not None else None,
+                 "name_or_path": getattr(getattr(self.teacher, "config", None), "_name_or_path", None)}),
+                "transformers": transformers.__version__}
+            with open(os.path.join(output_dir, CONFIG_NAME), "w") as f:
+                json.dump(info, f, indent=1, default=str)

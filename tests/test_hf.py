@@ -1,0 +1,210 @@
+"""End-to-end tests of kdkernels.integrations.hf.DistillationTrainer on tiny random models built from
+configs (no downloads): a live teacher, a teacher cache, gradient accumulation, a resumed run."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the network
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # transformers.Trainer needs it
+
+import kdkernels  # noqa: E402
+from cache_helpers import assert_topk_match  # noqa: E402
+from kdkernels.cache import TeacherCache, build_cache  # noqa: E402
+from kdkernels.integrations.hf import CONFIG_NAME, DistillationTrainer, PadCollator, shift_labels  # noqa: E402
+
+V = 67  # an odd vocabulary
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    yield
+    transformers.logging.set_verbosity(verbosity)
+    torch.set_num_threads(n)
+
+
+def student(seed=0, vocab=V):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def teacher(seed=1, vocab=V):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def data(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, V, size=int(rng.integers(3, 21))).tolist() for _ in range(n)]
+
+
+def args(out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=2,
+                learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+                logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+                dataloader_num_workers=0)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def loss_fn(mode="tail"):
+    return kdkernels.DistillationLoss(ce_weight=0.5, terms={"kd": {"fn": "topk_kl", "weight": 0.5, "mode": mode,
+                                                                   "k": 8, "temperature": 1.0}})
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_params(a, b, **tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k, **tol)
+
+
+def train(out, dataset, **kw):
+    extra = {k: kw.pop(k) for k in ("teacher", "teacher_cache", "resume") if k in kw}
+    model = kw.pop("model", None) or student()
+    tr = DistillationTrainer(model=model, args=args(out, **kw.pop("args", {})), train_dataset=dataset,
+                             loss=kw.pop("loss", None) or loss_fn(), teacher=extra.get("teacher"),
+                             teacher_cache=extra.get("teacher_cache"), **kw)
+    tr.train(resume_from_checkpoint=extra.get("resume"))
+    return tr
+
+
+def test_live_teacher_gradient_accumulation_equals_full_batch(tmp_path):
+    """batch 4 x 1 step == batch 2 x 2 accumulated steps (variable lengths: needs one global token count)."""
+    ds = [{"input_ids": s} for s in data()]
+    t = teacher()
+    t_before = params(t)
+    full = train(tmp_path / "a", ds, teacher=t)
+    accum = train(tmp_path / "b", ds, teacher=t, args=dict(per_device_train_batch_size=2,
+                                                           gradient_accumulation_steps=2))
+    assert_same_params(params(full.model), params(accum.model), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(params(full.model)["lm_head.weight"], params(student())["lm_head.weight"])  # it trained
+    assert_same_params(params(t), t_before, rtol=0, atol=0)  # the teacher is a constant
+    assert all(p.grad is None for p in t.parameters())
+    logs = [h for h in full.state.log_history if "loss" in h]
+    logs_acc = [h for h in accum.state.log_history if "loss" in h]
+    assert len(logs) == 2 and {"loss_ce", "loss_kd"} <= set(logs[0])
+    for a, b in zip(logs, logs_acc):  # the logged loss is the full batch's, however it was accumulated
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["loss"] == pytest.approx(0.5 * a["loss_ce"] + 0.5 * a["loss_kd"], rel=1e-4)
+        assert a["loss_kd"] == pytest.approx(b["loss_kd"], rel=1e-4)
+    metrics = full.evaluate(eval_dataset=ds[:5])
+    assert np.isfinite(metrics["eval_loss"])
+
+
+def test_teacher_cache_trains_like_the_live_teacher(tmp_path):
+    """A cache of the teacher's top-k (float16 log-probs) trains the student as the live teacher does."""
+    seqs = data()
+    t = teacher()
+    report = build_cache(t, seqs, str(tmp_path / "cache"), k=8, temperature=1.0, batch_size=5)
+    assert report.num_tokens == sum(map(len, seqs))
+    cache = TeacherCache(str(tmp_path / "cache"), vocab_size=V, k=8)
+    live = train(tmp_path / "live", [{"input_ids": s} for s in seqs], teacher=t)
+    cached = train(tmp_path / "cached", cache.dataset(), teacher_cache=cache)
+    assert_same_params(params(live.model), params(cached.model), rtol=1e-3, atol=1e-4)
+    # a path works too, and the batch carries the cached top-k
+    tr = DistillationTrainer(model=student(), args=args(tmp_path / "p"), train_dataset=cache.dataset(),
+                             loss=loss_fn(), teacher_cache=str(tmp_path / "cache"))
+    batch = tr.data_collator([cache.dataset()[i] for i in (0, 3)])
+    assert batch["teacher_values"].shape[-1] == 8 and batch["teacher_values"].dtype == torch.float16
+
+
+def test_resumed_run_matches_uninterrupted(tmp_path):
+    seqs = data()
+    build_cache(teacher(), seqs, str(tmp_path / "cache"), k=8)
+    cache = TeacherCache(str(tmp_path / "cache"), vocab_size=V)
+    kw = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, save_strategy="steps",
+              save_steps=2)
+    whole = train(tmp_path / "whole", cache.dataset(), teacher_cache=cache, args=kw)
+    ckpt = tmp_path / "whole" / "checkpoint-2"
+    assert (ckpt / CONFIG_NAME).exists()
+    saved = json.loads((ckpt / CONFIG_NAME).read_text())
+    assert saved["loss"]["terms"]["kd"]["mode"] == "tail" and saved["kdkernels_teacher"]["k"] == 8
+    resumed = train(tmp_path / "resumed", cache.dataset(), teacher_cache=cache, args=kw, model=student(seed=5),
+                    resume=str(ckpt))
+    assert resumed.state.global_step == 4
+    assert_same_params(params(whole.model), params(resumed.model), rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_state_terms_get_both_models_hidden_states(tmp_path):
+    seen = []
+
+    class Feature:
+        needs_hidden_states = True
+
+        def __call__(self, x):
+            seen.append((x.student_hidden_states[-1].shape, x.teacher.hidden_states[-1].shape))
+            return (x.student_hidden_states[-1].pow(2).mean(-1) * x.mask).sum() / x.num_items
+
+    loss = kdkernels.DistillationLoss(ce_weight=1.0, terms={"feat": {"fn": Feature(), "weight": 0.01}})
+    tr = train(tmp_path, [{"input_ids": s} for s in data(4)], teacher=teacher(), loss=loss, args=dict(max_steps=1))
+    (s_shape, t_shape), = seen
+    assert s_shape[-1] == 16 and t_shape[-1] == 32 and s_shape[:2] == t_shape[:2]
+    assert "loss_feat" in tr.state.log_history[0]
+
+
+def test_cli_builds_from_a_hugging_face_directory(tmp_path, capsys):
+    from kdkernels.__main__ import main
+
+    t = teacher()
+    t.save_pretrained(str(tmp_path / "teacher"))
+    kdkernels.cache.save_tokens(str(tmp_path / "t.npy"), str(tmp_path / "l.npy"), data(6))
+    argv = ["cache", "build", "--teacher", str(tmp_path / "teacher"), "--tokens", str(tmp_path / "t.npy"),
+            "--lengths", str(tmp_path / "l.npy"), "--out", str(tmp_path / "c"), "--k", "5", "--device", "cpu",
+            "--quiet"]
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    assert "tokens/s" in cap.out and "bytes/token (V=67, k=5)" in cap.out
+    assert "no tokenizer found" in cap.err  # none saved: no (meaningless) tokenizer hash is recorded
+    cache = TeacherCache(str(tmp_path / "c"), vocab_size=V, k=5)
+    assert cache.tokenizer_hash is None
+    seq = data(6)[2]
+    with torch.no_grad():
+        v, i = kdkernels.teacher_topk(t(torch.tensor([seq])).logits[0], 5)
+    assert_topk_match(cache.sequence(2)["ids"], cache.sequence(2)["values"], i.numpy(), v.numpy())
+
+
+def test_collators_and_shift():
+    out = PadCollator(pad_id=9)([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}])
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]]
+    assert out["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert shift_labels(out["labels"]).tolist() == [[6, 7, -100], [-100, -100, -100]]
+
+
+def test_refusals(tmp_path):
+    ds = [{"input_ids": s} for s in data(4)]
+    with pytest.raises(ValueError, match=r"the loss has distillation terms \['kd'\]: pass teacher="):
+        DistillationTrainer(model=student(), args=args(tmp_path), train_dataset=ds, loss=loss_fn())
+    with pytest.raises(ValueError, match="the teacher's vocabulary has 71 entries and the student's 67"):
+        DistillationTrainer(model=student(), args=args(tmp_path), train_dataset=ds, loss=loss_fn(),
+                            teacher=teacher(vocab=71))
+    with pytest.raises(TypeError, match="loss must be a kdkernels.DistillationLoss"):
+        DistillationTrainer(model=student(), args=args(tmp_path), train_dataset=ds, loss=None, teacher=teacher())
+    with pytest.raises(ValueError, match=r"label_smoothing_factor would be ignored .* DistillationLoss\(label_smo"):
+        DistillationTrainer(model=student(), args=args(tmp_path, label_smoothing_factor=0.1), train_dataset=ds,
+                            loss=loss_fn(), teacher=teacher())
+    build_cache(teacher(vocab=71), [[3, 4, 5]], str(tmp_path / "c71"), k=4)
+    with pytest.raises(kdkernels.cache.CacheError, match="was built for vocab_size 71, but this run asks for 67"):
+        DistillationTrainer(model=student(), args=args(tmp_path), train_dataset=ds, loss=loss_fn(),
+                            teacher_cache=str(tmp_path / "c71"))
+    # hard labels only: no teacher needed
+    tr = train(tmp_path / "ce", ds, loss=kdkernels.DistillationLoss(ce_weight=1.0, terms={}), args=dict(max_steps=1))
+    assert "loss_ce" in tr.state.log_history[0]

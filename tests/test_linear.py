@@ -1,0 +1,147 @@
+"""Fused linear top-k KL: equal to topk_kl_div(hidden @ W.T + b) in value and gradients, and lean in memory."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kdkernels
+
+MODES = [("renorm", "forward_kl"), ("tail", "forward_kl"), ("tail", "jsd"), ("support", "reverse_kl"),
+         ("support", "tvd"), ("dense", "skew_forward_kl"), ("dense", "forward_kl")]
+
+
+def _inputs(N, H, V, K, dtype, device, mode, bias=True):
+    h = torch.randn(N, H, dtype=torch.float64)
+    W = torch.randn(V, H, dtype=torch.float64) / H ** 0.5 * 3
+    b = torch.randn(V, dtype=torch.float64) if bias else None
+    teacher = torch.randn(N, V, dtype=torch.float64) * 2
+    if mode == "dense":
+        vals, ids = teacher, None
+    else:
+        vals, ids = kdkernels.teacher_topk(teacher, K, temperature=1.5, values_are="logprobs")
+    cast = (lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_())
+    return cast(h), cast(W), cast(b), vals.to(device=device, dtype=dtype if mode == "dense" else vals.dtype), \
+        None if ids is None else ids.to(device)
+
+
+@pytest.mark.parametrize("mode,divergence", MODES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "num_items"])
+def test_matches_unfused_float64(device, mode, divergence, reduction):
+    h, W, b, vals, ids = _inputs(29, 12, 83, 6, torch.float64, device, mode)
+    labels = torch.randint(0, 83, (29,), device=device)
+    labels[::4] = -100
+    kw = dict(values_are="logprobs", mode=mode, divergence=divergence, temperature=1.5, labels=labels)
+    kw.update(dict(reduction="sum", num_items=17) if reduction == "num_items" else dict(reduction=reduction))
+    fused = kdkernels.linear_topk_kl_div(h, W, vals, ids, bias=b, chunk_size=4, **kw)
+    plain = kdkernels.topk_kl_div(h @ W.t() + b, vals, ids, **kw)
+    torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
+    up = torch.randn_like(plain) if reduction == "none" else torch.tensor(2.5, dtype=plain.dtype, device=device)
+    g_fused = torch.autograd.grad(fused, (h, W, b), up)
+    g_plain = torch.autograd.grad(plain, (h, W, b), up)
+    for a, e, name in zip(g_fused, g_plain, ("hidden", "weight", "bias")):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-11, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000, None])
+def test_chunk_sizes_and_no_bias(chunk):
+    h, W, _, vals, ids = _inputs(23, 8, 50, 5, torch.float64, "cpu", "renorm", bias=False)
+    fused = kdkernels.linear_topk_kl_div(h, W, vals, ids, chunk_size=chunk, values_are="logprobs")
+    plain = kdkernels.topk_kl_div(h @ W.t(), vals, ids, values_are="logprobs")
+    torch.testing.assert_close(fused, plain)
+    for a, e in zip(torch.autograd.grad(fused, (h, W)), torch.autograd.grad(plain, (h, W))):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_low_precision(device, dtype, tol):
+    """Stated tolerances: float32 1e-4 relative; bf16 3e-2 relative (one bf16 rounding of the logits
+    GEMM and of the chunked weight-gradient accumulation), both against the float64 unfused path."""
+    h, W, b, vals, ids = _inputs(40, 16, 97, 8, dtype, device, "tail")
+    fused = kdkernels.linear_topk_kl_div(h, W, vals, ids, bias=b, chunk_size=9, values_are="logprobs", mode="tail")
+    h64, W64, b64 = (t.detach().double().requires_grad_() for t in (h, W, b))
+    plain = kdkernels.topk_kl_div(h64 @ W64.t() + b64, vals.double(), ids, values_are="logprobs", mode="tail")
+    torch.testing.assert_close(fused.double(), plain, rtol=tol, atol=tol)
+    for a, e in zip(torch.autograd.grad(fused, (h, W, b)), torch.autograd.grad(plain, (h64, W64, b64))):
+        scale = float(e.abs().max())
+        torch.testing.assert_close(a.double(), e, rtol=tol, atol=tol * scale)
+
+
+def test_module_wraps_lm_head():
+    head = torch.nn.Linear(10, 41, dtype=torch.float64)
+    h = torch.randn(3, 5, 10, dtype=torch.float64, requires_grad=True)
+    vals, ids = kdkernels.teacher_topk(torch.randn(3, 5, 41, dtype=torch.float64), 4)
+    loss = kdkernels.LinearTopKKLDivLoss(head, values_are="logprobs", mode="tail", chunk_size=3)(h, vals, ids)
+    loss.backward()
+    ref_head = torch.nn.Linear(10, 41, dtype=torch.float64)
+    ref_head.load_state_dict(head.state_dict())
+    ref = kdkernels.topk_kl_div(ref_head(h.detach()), vals, ids, values_are="logprobs", mode="tail")
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(head.weight.grad, ref_head.weight.grad)
+    torch.testing.assert_close(head.bias.grad, ref_head.bias.grad)
+
+
+def test_all_masked_is_zero_with_zero_grad():
+    h, W, b, vals, ids = _inputs(6, 4, 20, 3, torch.float64, "cpu", "renorm")
+    loss = kdkernels.linear_topk_kl_div(h, W, vals, ids, bias=b, mask=torch.zeros(6, dtype=torch.bool))
+    assert loss.item() == 0.0
+    for g in torch.autograd.grad(loss, (h, W, b)):
+        assert torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda h, W, b: dict(weight=W[:, :3]), "weight must have shape (V, H) with H = hidden.shape[-1] = 4: got (20, 3)"),
+    (lambda h, W, b: dict(weight=W.float()), "weight must match hidden's dtype and device: expected torch.float64"),
+    (lambda h, W, b: dict(bias=b[:5]), "bias must have shape (20,) and dtype torch.float64: got (5,)"),
+    (lambda h, W, b: dict(chunk_size=0), "chunk_size must be >= 1: got 0"),
+    (lambda h, W, b: dict(temperature=0.0), "temperature must be > 0: got 0.0"),
+])
+def test_refusals(make, msg):
+    h, W, b, vals, ids = _inputs(6, 4, 20, 3, torch.float64, "cpu", "renorm")
+    kw = dict(weight=W, bias=b)
+    kw.update(make(h, W, b))
+    weight = kw.pop("weight")
+    with pytest.raises(ValueError, match=re.escape("kdkernels.linear_topk_kl_div: " + msg)):
+        kdkernels.linear_topk_kl_div(h, weight, vals, ids, **kw)
+
+
+_MEMORY_SCRIPT = r"""
+import json, sys, torch, kdkernels
+torch.set_num_threads(2)
+N, H, V, K = 4096, 32, 65536, 32          # unfused logits: N * V * 4 B = 1.07 GB (and as much again for their gradient)
+torch.manual_seed(0)
+h = torch.randn(N, H, requires_grad=True)
+W = (torch.randn(V, H) / H ** 0.5).requires_grad_()
+ids = torch.randint(0, V, (N, K))
+ids = torch.rand(N, V).argsort(-1)[:, :K] if False else torch.stack([torch.randperm(V)[:K] for _ in range(8)]).repeat(N // 8, 1)
+vals = torch.log_softmax(torch.randn(N, K), -1) - 0.5
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")   # reset the peak-RSS counter (VmHWM)
+base = rss("VmRSS:")
+if sys.argv[1] == "fused":
+    loss = kdkernels.linear_topk_kl_div(h, W, vals, ids, values_are="logprobs", mode="tail", memory_budget=64 << 20)
+else:
+    loss = kdkernels.topk_kl_div(h @ W.t(), vals, ids, values_are="logprobs", mode="tail")
+loss.backward()
+print(json.dumps({"peak_extra": rss("VmHWM:") - base, "loss": loss.item()}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_peak_memory_below_a_quarter_of_unfused():
+    out = {}
+    for path in ("fused", "unfused"):
+        res = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, path], capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        out[path] = json.loads(res.stdout.strip().splitlines()[-1])
+    assert abs(out["fused"]["loss"] - out["unfused"]["loss"]) < 1e-4 * abs(out["unfused"]["loss"])
+    assert out["unfused"]["peak_extra"] > 1 << 30, out  # the shape really needs > 1 GB unfused
+    assert out["fused"]["peak_extra"] < out["unfused"]["peak_extra"] / 4, out
