@@ -25,7 +25,12 @@ build: $(VENV)/.built
 demo: $(VENV)/.built
 	$(PY) -m kdkernels demo $(DEMO_ARGS)
 
-test: $(VENV)/.built
+# The optional [hf] extra too, so the Hugging Face integration is tested rather than skipped.
+$(VENV)/.testdeps: $(VENV)/.deps
+	$(PY) -m pip install -q "transformers>=4.48" "accelerate>=0.26"
+	touch $@
+
+test: $(VENV)/.built $(VENV)/.testdeps
 	$(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
 
 bench: $(VENV)/.built
