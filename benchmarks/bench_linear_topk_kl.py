@@ -1,0 +1,119 @@
+"""Benchmark of kdkernels.linear_topk_kl_div (forward+backward) against the unfused path, with issue 7's bars."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+try:
+    import kdkernels
+except ModuleNotFoundError:  # a source checkout built in place but not pip-installed
+    sys.path.insert(1, os.path.dirname(_HERE))
+    import kdkernels
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+
+# Issue 7's bar shape on GPU; a CPU shape whose unfused logits are 0.5 GB; small ones for a quick look.
+FULL = {"cpu": dict(N=4096, H=256, V=32000, K=64, dtype=torch.float32),
+        "cuda": dict(N=8192, H=4096, V=128256, K=64, dtype=torch.bfloat16)}
+QUICK = {"cpu": dict(N=512, H=128, V=8000, K=32, dtype=torch.float32),
+         "cuda": dict(N=2048, H=2048, V=32000, K=64, dtype=torch.bfloat16)}
+MEMORY_BAR = 0.25  # peak <= 1/4 of the unfused path's
+TIME_BAR = 1.15    # time <= 1.15x the unfused path's (GPU)
+
+
+def make_inputs(N, H, V, K, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(N, H, generator=g, device=device, dtype=torch.float32).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g, device=device, dtype=torch.float32) / H ** 0.5).to(dtype).requires_grad_()
+    start = torch.randint(0, V, (N, 1), generator=g, device=device)
+    ids = (start + torch.arange(K, device=device) * (V // K)) % V
+    vals = torch.log_softmax(torch.randn(N, K, generator=g, device=device), -1) - 0.1
+    return h, w, vals, ids
+
+
+def impls(device):
+    validate = device.type != "cuda"
+    kw = dict(values_are="logprobs", mode="tail", validate=validate)
+    fns = [("kdkernels fused linear", lambda h, w, v, i: kdkernels.linear_topk_kl_div(h, w, v, i, **kw)),
+           ("unfused: logits GEMM + kdkernels.topk_kl_div",
+            lambda h, w, v, i: kdkernels.topk_kl_div(h @ w.t(), v, i, **kw))]
+    return fns
+
+
+def step_of(fn, h, w, v, i):
+    def step():
+        h.grad = None
+        w.grad = None
+        fn(h, w, v, i).backward()
+    return step
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shape = (QUICK if a.quick else FULL)[device.type]
+    log = (lambda *m: None) if a.quiet else (lambda *m: print(*m, file=sys.stderr, flush=True))
+    N, H, V, K, dtype = (shape[k] for k in ("N", "H", "V", "K", "dtype"))
+    case = f"tail N={N} H={H} V={V} K={K} {str(dtype).replace('torch.', '')}"
+    h, w, vals, ids = make_inputs(N, H, V, K, dtype, device)
+    rows, by = [], {}
+    for impl, fn in impls(device):
+        log(f"  {case}: {impl} ...")
+        try:
+            t0 = time.perf_counter()
+            loss = fn(h, w, vals, ids)
+            loss.backward()
+            common.synchronize(device)
+            timing = common.time_fn(step_of(fn, h, w, vals, ids), device)
+            peak = common.peak_memory(step_of(fn, h, w, vals, ids), device)
+        except Exception as e:
+            rows.append(common.make_row(device, case, impl, None, error=f"{type(e).__name__}: {e}"))
+            continue
+        row = common.make_row(device, case, impl, timing, peak_bytes=peak, loss=float(loss.detach()),
+                              first_call_s=round(time.perf_counter() - t0, 3))
+        # Logits GEMM + two gradient GEMMs: the FLOP floor of either path.
+        row["floor_ms"] = common.floor_ms(device, flops=3 * 2 * N * H * V) if device.type == "cuda" else None
+        rows.append(row)
+        by[impl] = row
+        log(f"    {timing['ms']:.2f} ms, peak {peak / 2**20 if peak else float('nan'):.0f} MiB")
+    fused, unfused = by.get("kdkernels fused linear"), by.get("unfused: logits GEMM + kdkernels.topk_kl_div")
+    if fused and unfused:
+        rel = abs(fused["loss"] - unfused["loss"]) / max(abs(unfused["loss"]), 1e-12)
+        fused["note"] = f"loss rel diff vs unfused {rel:.1e}"
+        if fused.get("peak_bytes") is not None and unfused.get("peak_bytes"):
+            ratio = fused["peak_bytes"] / unfused["peak_bytes"]
+            common.check_bar(fused, f"peak <= {MEMORY_BAR:g} x unfused (got {ratio:.2f})", ratio <= MEMORY_BAR)
+        t = fused["ms"] / unfused["ms"]
+        common.check_bar(fused, f"time <= {TIME_BAR:g} x unfused (got {t:.2f})",
+                         t <= TIME_BAR if device.type == "cuda" else None)
+
+    def baseline_of(r):
+        return unfused if r is not unfused else None
+
+    print(f"\n## linear_topk_kl_div forward+backward ({'quick shapes' if a.quick else 'bar shapes'})\n")
+    print(common.header(device) + "\n")
+    print(common.summary_table(rows, baseline_of))
+    notes = [f"- {r['impl']}: {r['note']}" for r in rows if r.get("note")]
+    if notes:
+        print("\n" + "\n".join(notes))
+    if a.out:
+        common.write_rows(rows, a.out)
+    failed = [r for r in rows if r.get("result") == "FAIL"]
+    print(f"\nbars: {sum(r.get('result') == 'PASS' for r in rows)} PASS, {len(failed)} FAIL")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
