@@ -80,7 +80,10 @@ def _arch_list():
 cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
 # No -std flag: torch's cpp_extension picks the standard its headers need (C++17 for 2.4, C++20 for newer).
-cxx_flags = ["-O3", "-fopenmp-simd"]
+# -fopenmp: at::parallel_for is header code that only runs threads when this TU is built with OpenMP
+# (torch's own CPU build uses it); without the flag every CPU op would silently run on one thread.
+cxx_flags = ["-O3", "-fopenmp"]
+link_flags = ["-fopenmp"]
 macros = [("KDK_ARCH_LIST", f'"{_arch_list() if WITH_CUDA else ""}"'),
           ("KDK_TORCH_VERSION", f'"{torch.__version__}"')]
 include_dirs = [os.path.join(ROOT, "csrc")]
@@ -93,9 +96,9 @@ if WITH_CUDA:
                   f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
     ext = CUDAExtension("kdkernels._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
                         define_macros=macros,
-                        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+                        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
 else:
     ext = CppExtension("kdkernels._C", cpu_sources, include_dirs=include_dirs, define_macros=macros,
-                       extra_compile_args={"cxx": cxx_flags})
+                       extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
