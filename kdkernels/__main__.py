@@ -63,8 +63,11 @@ def main(argv=None):
 
     add_cache_parser(sub)
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "bench":
+    # demo and bench pass their own flags through to the demo / the benchmark scripts.
+    if extra and args.command not in ("bench", "demo"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "demo":
+        args.rest = list(args.rest) + extra
     if args.command == "bench":
         args.rest = extra
     return args.fn(args)
