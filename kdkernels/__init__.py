@@ -15,7 +15,11 @@ except ImportError as e:  # pragma: no cover - depends on the install
 from . import _meta  # noqa: F401,E402  (fake kernels for torch.compile)
 from .functional import teacher_topk, topk_kl_div  # noqa: E402
 from .losses import TopKKLDivLoss  # noqa: E402
+from .functional import sinkhorn, sinkhorn_kd_loss  # noqa: E402
+from .losses import SinkhornKDLoss  # noqa: E402
 from .distill import DistillationLoss, TeacherTargets  # noqa: E402
+from .functional import sample_tokens, token_contrastive_loss, token_relation_loss  # noqa: E402
+from .losses import TokenContrastiveLoss, TokenRelationLoss  # noqa: E402
 
 
 def build_info() -> dict:
@@ -39,10 +43,18 @@ def build_info() -> dict:
 
 
 __all__ = ["topk_kl_div", "teacher_topk", "TopKKLDivLoss", "build_info", "__version__"]
+__all__ += ["sinkhorn", "sinkhorn_kd_loss", "SinkhornKDLoss"]
 __all__ += ["DistillationLoss", "TeacherTargets"]
+__all__ += ["token_relation_loss", "token_contrastive_loss", "TokenRelationLoss", "TokenContrastiveLoss",
+            "sample_tokens"]
 
 from .linear import LinearTopKKLDivLoss, linear_topk_kl_div  # noqa: E402
 from .parallel import vocab_parallel_linear_topk_kl_div, vocab_parallel_topk_kl_div  # noqa: E402
 
 __all__ += ["linear_topk_kl_div", "LinearTopKKLDivLoss", "vocab_parallel_topk_kl_div",
             "vocab_parallel_linear_topk_kl_div"]
+
+from .functional import attention, shared_attention, shared_attention_probs  # noqa: E402
+from . import echoatt  # noqa: E402,F401  (kdkernels.echoatt: layer similarity, groups, EchoAttention, conversion)
+
+__all__ += ["attention", "shared_attention", "shared_attention_probs", "echoatt"]

@@ -62,6 +62,9 @@ def main(argv=None):
     from .cache.cli import add_parser as add_cache_parser  # `cache build|verify|inspect`
 
     add_cache_parser(sub)
+    from .echoatt.cli import add_parser as add_echoatt_parser  # `echoatt-analyze`
+
+    add_echoatt_parser(sub)
     args, extra = parser.parse_known_args(argv)
     # demo and bench pass their own flags through to the demo / the benchmark scripts.
     if extra and args.command not in ("bench", "demo"):

@@ -434,3 +434,187 @@ def sinkhorn_kd_loss_ref(student_logits: torch.Tensor, teacher_logits: torch.Ten
         return value.sum()
     live = keep.any(1).sum() if mask is not None else value.numel()
     return value.sum() / max(int(live), 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Token-relation graph losses and the token contrastive loss (docs/token_relation.md)
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["token_relation_loss_ref", "token_contrastive_loss_ref", "token_sample_ref", "COSINE_EPS"]
+
+# Cosine similarity divides by max(|x|, COSINE_EPS) per head (as torch.nn.functional.normalize).
+COSINE_EPS = 1e-8
+
+
+def token_sample_ref(batch: int, length: int, k: int, mask: Optional[torch.Tensor] = None,
+                     generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """The (batch, k) positions of sample=k: random keys from torch.rand on the generator's device, masked
+    tokens pushed behind every valid one (+1), the k smallest keys per instance."""
+    gdev = generator.device if generator is not None else device
+    keys = torch.rand((batch, length), generator=generator, device=gdev).to(device)
+    if mask is not None:
+        keys = keys + (~mask).to(keys.dtype)
+    return torch.sort(keys, dim=1, stable=True)[1][:, :k]
+
+
+def _token_sets(student, teacher, mask, graph, sample, generator):
+    """(P, n, D) features and (P, n) validity of the graphs, and the (B, T') shape of the per-token rows."""
+    B, T = student.shape[:2]
+    valid = (torch.ones(B, T, dtype=torch.bool, device=student.device) if mask is None
+             else mask.to(student.device) != 0)
+    if sample is not None:
+        idx = token_sample_ref(B, T, sample, None if mask is None else valid, generator, student.device)
+        student = student.gather(1, idx.unsqueeze(-1).expand(-1, -1, student.shape[-1]))
+        teacher = teacher.gather(1, idx.unsqueeze(-1).expand(-1, -1, teacher.shape[-1]))
+        valid = valid.gather(1, idx)
+    lead = tuple(valid.shape)
+    if graph == "inter" and B > 0:
+        student = student.reshape(1, -1, student.shape[-1])
+        teacher = teacher.reshape(1, -1, teacher.shape[-1])
+        valid = valid.reshape(1, -1)
+    return student, teacher, valid, lead
+
+
+def _token_heads_ref(x: torch.Tensor, heads: int, cosine: bool) -> torch.Tensor:
+    """(P, n, D) -> (P, H, n, D / H), each head's vectors divided by max(|x|, COSINE_EPS) under cosine."""
+    P, n, D = x.shape
+    xh = x.reshape(P, n, heads, D // heads).transpose(1, 2)
+    if cosine:
+        xh = xh / xh.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+    return xh
+
+
+def _token_reduce_ref(rows, valid, lead, reduction):
+    rows = torch.where(valid, rows, torch.zeros_like(rows)).reshape(lead)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / valid.sum().clamp(min=1).to(rows.dtype)  # no host sync: torch.compile traces it
+
+
+def token_relation_loss_ref(student_feats: torch.Tensor, teacher_feats: torch.Tensor, *, loss: str = "kl",
+                            similarity: str = "dot", num_heads: int = 1, temperature: float = 1.0, tau: float = 0.1,
+                            mask: Optional[torch.Tensor] = None, graph: str = "intra", sample: Optional[int] = None,
+                            generator: Optional[torch.Generator] = None, reduction: str = "mean",
+                            teacher_grad: bool = False) -> torch.Tensor:
+    """kdkernels.token_relation_loss, materialised: builds the (P, H, n, n) graphs of both models in the
+    inputs' dtype, their masked log-softmaxes, then KL or MSE per row; mean over heads, reduction over
+    valid tokens. The teacher is detached unless teacher_grad."""
+    teacher = teacher_feats if teacher_grad else teacher_feats.detach()
+    s, t, valid, lead = _token_sets(student_feats, teacher.to(student_feats.dtype), mask, graph, sample, generator)
+    cosine = similarity == "cosine"
+
+    def graph_logits(x):
+        xh = _token_heads_ref(x, num_heads, cosine)
+        scale = 1.0 / tau if cosine else 1.0 / math.sqrt(xh.shape[-1])
+        return (xh @ xh.transpose(-1, -2)) * (scale / temperature)
+
+    a, b = graph_logits(t), graph_logits(s)
+    keys = valid[:, None, None, :].expand(a.shape)  # masked tokens are no keys
+    lpt, lps = _masked_log_softmax(a, keys), _masked_log_softmax(b, keys)
+    if loss == "kl":
+        rows = _kl(lpt, lps)
+    elif loss == "mse":
+        rows = ((lpt.exp() - lps.exp()) ** 2).sum(-1)
+    else:
+        raise ValueError(f"kdkernels.token_relation_loss: loss must be 'kl' or 'mse': got '{loss}'")
+    return _token_reduce_ref(rows.mean(1), valid, lead, reduction)
+
+
+def token_contrastive_loss_ref(student_feats: torch.Tensor, teacher_feats: torch.Tensor, *, tau: float = 0.1,
+                               similarity: str = "dot", mask: Optional[torch.Tensor] = None, graph: str = "intra",
+                               sample: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                               reduction: str = "mean", teacher_grad: bool = False) -> torch.Tensor:
+    """kdkernels.token_contrastive_loss, materialised: the (P, n, n) logits <s_i, t_j> / tau over valid keys,
+    -log_softmax at the diagonal per valid token; reduction over valid tokens."""
+    teacher = teacher_feats if teacher_grad else teacher_feats.detach()
+    s, t, valid, lead = _token_sets(student_feats, teacher.to(student_feats.dtype), mask, graph, sample, generator)
+    cosine = similarity == "cosine"
+    sh, th = _token_heads_ref(s, 1, cosine)[:, 0], _token_heads_ref(t, 1, cosine)[:, 0]
+    c = (sh @ th.transpose(-1, -2)) / tau
+    lp = _masked_log_softmax(c, valid[:, None, :].expand(c.shape))
+    rows = -torch.diagonal(lp, dim1=-2, dim2=-1)
+    return _token_reduce_ref(rows, valid, lead, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention with its log-sum-exp, shared (EchoAtt) attention, layer similarity (docs/shared_attention.md).
+# Everything is materialised (B, H, Tq, Tk): the plain softmax(scale Q K^T) V the kernels must equal.
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["attention_ref", "attention_probs_ref", "shared_attention_ref", "attention_similarity_ref"]
+
+
+def _attn_keep(B, H, Tq, Tk, causal, mask, device):
+    """(B, H, Tq, Tk) bool: which keys each query sees (causal is bottom-right aligned, as flash-attn)."""
+    keep = torch.ones(B, H, Tq, Tk, dtype=torch.bool, device=device)
+    if causal:
+        i = torch.arange(Tq, device=device)[:, None]
+        j = torch.arange(Tk, device=device)[None, :]
+        keep = keep & (j <= i + (Tk - Tq))
+    if mask is not None:
+        keep = keep & mask.to(device=device, dtype=torch.bool)
+    return keep
+
+
+def attention_probs_ref(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, scale: Optional[float] = None,
+                        mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(P, lse): P = softmax(scale q k^T) (B, H, Tq, Tk) with masked keys at 0, rows without a visible key all 0
+    and lse -inf there. GQA: k may have fewer heads (an integer ratio). Differentiable, no NaN anywhere."""
+    B, H, Tq, D = q.shape
+    Hk, Tk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    kk = k.repeat_interleave(H // Hk, dim=1)
+    s = torch.matmul(q, kk.transpose(-1, -2)) * scale
+    keep = _attn_keep(B, H, Tq, Tk, causal, mask, q.device)
+    row_ok = keep.any(-1, keepdim=True)
+    s = torch.where(keep, s, _NEG_INF)
+    s = torch.where(row_ok, s, 0.0)  # rows without keys: any finite row, zeroed below
+    p = torch.where(keep, torch.softmax(s, dim=-1), 0.0)
+    lse = torch.where(row_ok[..., 0], torch.logsumexp(s, dim=-1), _NEG_INF)
+    return p, lse
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                  scale: Optional[float] = None, mask: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of softmax(scale q k^T + mask) v, materialised; rows without a visible key give 0 and -inf."""
+    p, lse = attention_probs_ref(q, k, causal=causal, scale=scale, mask=mask)
+    vv = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return torch.matmul(p, vv), lse
+
+
+def shared_attention_ref(q_anchor: torch.Tensor, k_anchor: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                         scale: Optional[float] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(scale Q_a K_a^T) V_l: the anchor's attention applied to a sharing layer's V."""
+    return attention_ref(q_anchor, k_anchor, v, causal=causal, scale=scale, mask=mask)[0]
+
+
+def attention_similarity_ref(qs, ks, *, metric: str = "js", causal: bool = False, scale: Optional[float] = None,
+                             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The (L, L) layer similarity from each layer's materialised attention map: the mean over (batch, head,
+    query row with a visible key) of the cosine of two probability rows ('cosine') or 1 - JSD / ln 2 ('js')."""
+    if metric not in ("js", "cosine"):
+        raise ValueError(f"kdkernels.attention_similarity: metric must be 'js' or 'cosine': got '{metric}'")
+    probs = [attention_probs_ref(q, k, causal=causal, scale=scale, mask=mask) for q, k in zip(qs, ks)]
+    valid = torch.isfinite(probs[0][1])  # rows with a visible key (the same in every layer)
+    L = len(probs)
+    out = torch.empty(L, L, dtype=probs[0][0].dtype)
+    for a in range(L):
+        for b in range(L):
+            pa, pb = probs[a][0], probs[b][0]
+            if metric == "cosine":
+                num = (pa * pb).sum(-1)
+                sim = num / (pa.norm(dim=-1) * pb.norm(dim=-1)).clamp_min(1e-300)
+            else:
+                m = 0.5 * (pa + pb)
+                safe_m = torch.where(m > 0, m, 1.0)
+
+                def kl(p):
+                    return torch.where(p > 0, p * (torch.log(torch.where(p > 0, p, 1.0)) - torch.log(safe_m)), 0.0)
+
+                jsd = 0.5 * (kl(pa) + kl(pb)).sum(-1)
+                sim = (1.0 - jsd / math.log(2.0)).clamp(0.0, 1.0)
+            out[a, b] = sim[valid].mean()
+    return out

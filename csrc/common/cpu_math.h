@@ -79,7 +79,7 @@ KDK_ALWAYS_INLINE f8 exp8(f8 x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
-  return p * reinterpret_cast<const f8&>(bits);
+  return p * __builtin_bit_cast(f8, bits);
 }
 
 template <class T> KDK_CPU_CLONES T row_max(const T* x, int64_t n) {

@@ -1,0 +1,300 @@
+// CUDA launchers of the attention ops: checks, device guard, params, dtype dispatch, launch
+// (kernels in csrc/kernels/attention.cuh). The materialised path of shared attention computes its two
+// GEMMs with ATen (cuBLAS) in float32 (float64), the exp/mask and the softmax backward with our kernels.
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/attention_args.h"
+#include "common/checks.h"
+#include "kernels/attention.cuh"
+#include "ops.h"
+
+namespace kdk {
+namespace {
+
+constexpr size_t kDefaultSmem = 48 * 1024;
+constexpr int64_t kMaxGridY = 65535;
+
+int smem_optin_limit() {
+  int dev = 0, v = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return v;
+}
+
+// Opts the kernel in to `smem` bytes of dynamic shared memory (above the default 48 KB), or refuses.
+template <class Kernel> void allow_smem(Kernel kernel, size_t smem, const char* op) {
+  if (smem <= kDefaultSmem) return;
+  const int limit = smem_optin_limit();
+  KDK_CHECK(op, smem <= static_cast<size_t>(limit), "this head_dim needs ", smem,
+            " bytes of shared memory per block; the device allows ", limit);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+}
+
+template <class scalar_t, class acc_t>
+AttnParams<scalar_t, acc_t> make_params(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& mask) {
+  AttnParams<scalar_t, acc_t> p{};
+  p.q = q.data_ptr<scalar_t>();
+  p.k = k.data_ptr<scalar_t>();
+  p.v = v.defined() ? v.data_ptr<scalar_t>() : nullptr;
+  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_st = q.stride(2);
+  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_st = k.stride(2);
+  if (v.defined()) { p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_st = v.stride(2); }
+  if (mask.defined()) {
+    p.mask = mask.data_ptr<bool>();
+    p.m_sb = mask.stride(0); p.m_sh = mask.stride(1); p.m_sq = mask.stride(2); p.m_sk = mask.stride(3);
+  }
+  p.B = a.B; p.H = a.H; p.Hk = a.Hk; p.Tq = a.Tq; p.Tk = a.Tk; p.group = a.group; p.off = a.off;
+  p.D = static_cast<int>(a.D); p.Dv = static_cast<int>(a.Dv); p.causal = a.causal; p.grad_qk = 1;
+  p.scale = static_cast<acc_t>(a.scale);
+  return p;
+}
+
+at::Tensor opt_mask(const c10::optional<at::Tensor>& mask) { return mask.has_value() ? *mask : at::Tensor(); }
+
+// attention (lse_in undefined) or shared attention in recompute mode (lse_in given).
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const AttnNames& n, const AttnArgs& a, const at::Tensor& q0,
+                                                const at::Tensor& k0, const at::Tensor& v0, const at::Tensor& lse_in,
+                                                const c10::optional<at::Tensor>& mask) {
+  const c10::cuda::CUDAGuard guard(q0.device());
+  const at::Tensor q = attn_unit_last(q0), k = attn_unit_last(k0), v = attn_unit_last(v0), m = opt_mask(mask);
+  at::Tensor out = at::empty({a.B, a.H, a.Tq, a.Dv}, q.options());
+  at::Tensor lse = lse_in.defined() ? lse_in.contiguous() : at::empty({a.B, a.H, a.Tq}, q.options().dtype(a.acc));
+  if (a.B * a.H * a.Tq == 0) return {out, lse};
+  KDK_CHECK(n.op, a.B * a.H <= kMaxGridY, "batch * heads must be <= ", kMaxGridY, " on CUDA: got ", a.B * a.H);
+  const bool shared = lse_in.defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    AttnParams<scalar_t, acc_t> p = make_params<scalar_t, acc_t>(a, q, k, v, m);
+    p.o = out.data_ptr<scalar_t>();
+    if (shared) p.lse_in = lse.data_ptr<acc_t>();
+    else p.lse_out = lse.data_ptr<acc_t>();
+    const size_t smem = attention_smem_fwd<acc_t>(p.D, p.Dv);
+    const dim3 grid(static_cast<unsigned>((a.Tq + AttnFwdTile<acc_t>::BM - 1) / AttnFwdTile<acc_t>::BM),
+                    static_cast<unsigned>(a.B * a.H));
+    auto launch = [&](auto kernel) {
+      allow_smem(kernel, smem, n.op);
+      kernel<<<grid, kAttnThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (shared) {
+      if (a.Dv <= 64) launch(attention_fwd_kernel<scalar_t, acc_t, 64, true>);
+      else launch(attention_fwd_kernel<scalar_t, acc_t, 128, true>);
+    } else {
+      if (a.Dv <= 64) launch(attention_fwd_kernel<scalar_t, acc_t, 64, false>);
+      else launch(attention_fwd_kernel<scalar_t, acc_t, 128, false>);
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const AttnNames& n, const AttnArgs& a,
+                                                             const at::Tensor& grad_out, const at::Tensor& q0,
+                                                             const at::Tensor& k0, const at::Tensor& v0,
+                                                             const at::Tensor& out, const at::Tensor& lse,
+                                                             const c10::optional<at::Tensor>& mask, bool grad_qk) {
+  const c10::cuda::CUDAGuard guard(q0.device());
+  const at::Tensor q = attn_unit_last(q0), k = attn_unit_last(k0), v = attn_unit_last(v0), m = opt_mask(mask);
+  const auto acc_opts = q.options().dtype(a.acc);
+  at::Tensor dq_acc = grad_qk ? at::zeros({a.B, a.H, a.Tq, a.D}, acc_opts) : at::Tensor();
+  at::Tensor dk = grad_qk ? at::empty({a.B, a.Hk, a.Tk, a.D}, q.options()) : at::empty({0}, q.options());
+  at::Tensor dv = at::empty({a.B, a.Hk, a.Tk, a.Dv}, q.options());
+  if (a.B * a.Hk * a.Tk > 0) {
+    KDK_CHECK(n.op, a.B * a.Hk <= kMaxGridY, "batch * kv_heads must be <= ", kMaxGridY, " on CUDA: got ", a.B * a.Hk);
+    const at::Tensor go = grad_out.contiguous(), lse_c = lse.contiguous();
+    // D_i = rowsum(dO * O): the softmax backward's row term (ATen, one fused reduction).
+    const at::Tensor delta = (go.to(a.acc) * out.to(a.acc)).sum(at::IntArrayRef{-1}).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cuda", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      AttnParams<scalar_t, acc_t> p = make_params<scalar_t, acc_t>(a, q, k, v, m);
+      p.dout = go.data_ptr<scalar_t>();
+      p.lse_in = lse_c.data_ptr<acc_t>();
+      p.delta = delta.data_ptr<acc_t>();
+      p.grad_qk = grad_qk;
+      p.dq = grad_qk ? dq_acc.data_ptr<acc_t>() : nullptr;
+      p.dk = grad_qk ? dk.data_ptr<scalar_t>() : nullptr;
+      p.dv = dv.data_ptr<scalar_t>();
+      const size_t smem = attention_smem_bwd<acc_t>(p.D, p.Dv);
+      const dim3 grid(static_cast<unsigned>((a.Tk + AttnBwdTile<acc_t>::BN - 1) / AttnBwdTile<acc_t>::BN),
+                      static_cast<unsigned>(a.B * a.Hk));
+      auto launch = [&](auto kernel) {
+        allow_smem(kernel, smem, n.op);
+        kernel<<<grid, kAttnThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (std::max(a.D, a.Dv) <= 64) launch(attention_bwd_kernel<scalar_t, acc_t, 64>);
+      else launch(attention_bwd_kernel<scalar_t, acc_t, 128>);
+    });
+  }
+  at::Tensor dq = grad_qk ? dq_acc.to(q.scalar_type()) : at::empty({0}, q.options());
+  return {dq, dk, dv};
+}
+
+unsigned row_blocks(int64_t rows) {
+  const int64_t per_block = kAttnThreads / 32;  // one warp per row
+  return static_cast<unsigned>(std::min<int64_t>((rows + per_block - 1) / per_block, int64_t(1) << 20));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(KDK_ATTENTION_FWD_ARGS) {
+  const at::NoGradGuard no_grad;  // internal ATen calls never record a graph (raw-op callers)
+  const AttnArgs a = attention_parse(kAttentionNames, q, k, &v, nullptr, mask, causal, scale);
+  return forward_cuda(kAttentionNames, a, q, k, v, at::Tensor(), mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(KDK_ATTENTION_BWD_ARGS) {
+  const at::NoGradGuard no_grad;  // internal ATen calls never record a graph (raw-op callers)
+  const AttnArgs a = attention_parse(kAttentionNames, q, k, &v, &lse, mask, causal, scale);
+  attention_check_grad(kAttentionNames, a, grad_out, out, q);
+  return backward_cuda(kAttentionNames, a, grad_out, q, k, v, out, lse, mask, true);
+}
+
+at::Tensor shared_attention_fwd_cuda(KDK_SHARED_ATTENTION_FWD_ARGS) {
+  const at::NoGradGuard no_grad;  // internal ATen calls never record a graph (raw-op callers)
+  const AttnArgs a = attention_parse(kSharedNames, q, k, &v, &lse, mask, causal, scale);
+  return std::get<0>(forward_cuda(kSharedNames, a, q, k, v, lse, mask));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_attention_bwd_cuda(KDK_SHARED_ATTENTION_BWD_ARGS) {
+  const at::NoGradGuard no_grad;  // internal ATen calls never record a graph (raw-op callers)
+  const AttnArgs a = attention_parse(kSharedNames, q, k, &v, &lse, mask, causal, scale);
+  attention_check_grad(kSharedNames, a, grad_out, out, q);
+  return backward_cuda(kSharedNames, a, grad_out, q, k, v, out, lse, mask, grad_qk);
+}
+
+at::Tensor shared_attention_probs_fwd_cuda(KDK_SHARED_ATTENTION_PROBS_FWD_ARGS) {
+  const at::NoGradGuard no_grad;  // internal ATen calls never record a graph (raw-op callers)
+  const AttnArgs a = attention_parse(kSharedNames, q, k, nullptr, &lse, mask, causal, scale);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor probs = at::empty({a.B, a.H, a.Tq, a.Tk}, q.options());
+  if (probs.numel() == 0) return probs;
+  // S = q k^T in float32 (float64): products of fp16/bf16 inputs are exact there, as in a flash kernel.
+  const at::Tensor qf = q.to(a.acc).reshape({a.B, a.Hk, a.group, a.Tq, a.D});
+  const at::Tensor kf = k.to(a.acc).unsqueeze(2);
+  const at::Tensor S = at::matmul(qf, kf.transpose(-1, -2)).reshape({a.B, a.H, a.Tq, a.Tk}).contiguous();
+  const at::Tensor lse_c = lse.contiguous(), m = opt_mask(mask);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "shared_attention_probs_fwd_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    ProbsParams<scalar_t, acc_t> p{};
+    p.s = S.data_ptr<acc_t>();
+    p.lse = lse_c.data_ptr<acc_t>();
+    p.probs = probs.data_ptr<scalar_t>();
+    if (m.defined()) {
+      p.mask = m.data_ptr<bool>();
+      p.m_sb = m.stride(0); p.m_sh = m.stride(1); p.m_sq = m.stride(2); p.m_sk = m.stride(3);
+    }
+    p.H = a.H; p.Tq = a.Tq; p.Tk = a.Tk; p.rows = a.B * a.H * a.Tq; p.off = a.off; p.causal = a.causal;
+    p.scale = static_cast<acc_t>(a.scale);
+    attention_probs_fwd_kernel<scalar_t, acc_t>
+        <<<row_blocks(p.rows), kAttnThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return probs;
+}
+
+std::tuple<at::Tensor, at::Tensor> shared_attention_probs_bwd_cuda(KDK_SHARED_ATTENTION_PROBS_BWD_ARGS) {
+  const at::NoGradGuard no_grad;  // internal ATen calls never record a graph (raw-op callers)
+  const AttnArgs a = attention_parse(kSharedNames, q, k, nullptr, nullptr, c10::nullopt, false, scale);
+  attention_check_probs(a, grad_probs, probs, q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto acc_opts = q.options().dtype(a.acc);
+  if (a.B * a.H * a.Tq == 0 || a.Tk == 0)
+    return {at::zeros({a.B, a.H, a.Tq, a.D}, q.options()), at::zeros({a.B, a.Hk, a.Tk, a.D}, q.options())};
+  at::Tensor dS = at::empty({a.B, a.H, a.Tq, a.Tk}, acc_opts);
+  const at::Tensor g = grad_probs.contiguous(), pr = probs.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "shared_attention_probs_bwd_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    ProbsParams<scalar_t, acc_t> p{};
+    p.g = g.data_ptr<scalar_t>();
+    p.pr = pr.data_ptr<scalar_t>();
+    p.ds = dS.data_ptr<acc_t>();
+    p.H = a.H; p.Tq = a.Tq; p.Tk = a.Tk; p.rows = a.B * a.H * a.Tq;
+    attention_probs_bwd_kernel<scalar_t, acc_t>
+        <<<row_blocks(p.rows), kAttnThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  // dQ = scale dS K, dK = scale sum over the group's query heads of dS^T Q (GEMMs, float32 / float64).
+  const at::Tensor dS5 = dS.view({a.B, a.Hk, a.group, a.Tq, a.Tk});
+  const at::Tensor kf = k.to(a.acc).unsqueeze(2), qf = q.to(a.acc).reshape({a.B, a.Hk, a.group, a.Tq, a.D});
+  at::Tensor dq = at::matmul(dS5, kf).mul_(a.scale).reshape({a.B, a.H, a.Tq, a.D});
+  at::Tensor dk = at::matmul(dS5.transpose(-1, -2), qf).sum(2).mul_(a.scale);
+  return {dq.to(q.scalar_type()), dk.to(q.scalar_type())};
+}
+
+at::Tensor attention_similarity_cuda(KDK_ATTENTION_SIMILARITY_ARGS) {
+  const at::NoGradGuard no_grad;  // internal ATen calls never record a graph (raw-op callers)
+  const SimArgs a = attention_similarity_parse(qs, ks, mask, causal, scale, std::string(metric));
+  const c10::cuda::CUDAGuard guard(qs.device());
+  const int64_t L = a.L, npairs = L * (L + 1) / 2;
+  const int64_t ngroups = a.B * a.H * ((a.Tq + kSimRows - 1) / kSimRows);
+  std::vector<double> total(static_cast<size_t>(npairs + 1), 0.0);
+  if (ngroups > 0 && a.Tk > 0) {
+    const at::Tensor q = qs.contiguous(), k = ks.contiguous(), m = opt_mask(mask);
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int64_t grid = std::min<int64_t>(ngroups, int64_t(sms) * 8);
+    const auto acc_opts = q.options().dtype(a.acc);
+    at::Tensor work = at::empty({grid, kSimRows * npairs}, acc_opts);
+    at::Tensor partial = at::zeros({grid, npairs + 1}, acc_opts);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_similarity_cuda", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      // The widest key tile whose shared memory fits the default 48 KB, else the device's opt-in limit.
+      const size_t limit = static_cast<size_t>(smem_optin_limit());
+      int BN = 0;
+      for (int bn : {64, 32, 16, 8})
+        if (attention_smem_sim<acc_t>(L, static_cast<int>(a.D), bn) <= kDefaultSmem) { BN = bn; break; }
+      if (BN == 0)
+        for (int bn : {64, 32, 16, 8})
+          if (attention_smem_sim<acc_t>(L, static_cast<int>(a.D), bn) <= limit) { BN = bn; break; }
+      KDK_CHECK("attention_similarity", BN > 0, "too many layers for one pass: ", L, " layers of head_dim ", a.D,
+                " need ", attention_smem_sim<acc_t>(L, static_cast<int>(a.D), 8),
+                " bytes of shared memory per block; the device allows ", limit, " (compare fewer layers at a time)");
+      SimParams<scalar_t, acc_t> p{};
+      p.q = q.data_ptr<scalar_t>();
+      p.k = k.data_ptr<scalar_t>();
+      if (m.defined()) {
+        p.mask = m.data_ptr<bool>();
+        p.m_sb = m.stride(0); p.m_sh = m.stride(1); p.m_sq = m.stride(2); p.m_sk = m.stride(3);
+      }
+      p.work = work.data_ptr<acc_t>();
+      p.partial = partial.data_ptr<acc_t>();
+      p.L = L; p.B = a.B; p.H = a.H; p.Hk = a.Hk; p.Tq = a.Tq; p.Tk = a.Tk; p.group = a.group; p.off = a.off;
+      p.npairs = npairs; p.ngroups = ngroups;
+      p.D = static_cast<int>(a.D); p.BN = BN; p.causal = a.causal; p.cosine = a.cosine;
+      p.scale = static_cast<acc_t>(a.scale);
+      const size_t smem = attention_smem_sim<acc_t>(L, p.D, BN);
+      auto kernel = attention_similarity_kernel<scalar_t, acc_t>;
+      allow_smem(kernel, smem, "attention_similarity");
+      kernel<<<static_cast<unsigned>(grid), kAttnThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    const at::Tensor tot = partial.sum(at::IntArrayRef{0}, /*keepdim=*/false, at::kDouble).cpu();  // one host sync: an analysis op
+    const double* t = tot.data_ptr<double>();
+    std::copy(t, t + npairs + 1, total.begin());
+  }
+  at::Tensor sim = at::empty({L, L}, at::TensorOptions().dtype(at::kDouble));
+  double* s = sim.data_ptr<double>();
+  for (int64_t x = 0, pi = 0; x < L; ++x)
+    for (int64_t y = 0; y <= x; ++y, ++pi) s[x * L + y] = s[y * L + x] = total[pi] / total[npairs];  // 0/0: NaN
+  return sim.to(qs.device(), a.acc);
+}
+
+TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
+  m.impl("attention_fwd", &attention_fwd_cuda);
+  m.impl("attention_bwd", &attention_bwd_cuda);
+  m.impl("shared_attention_fwd", &shared_attention_fwd_cuda);
+  m.impl("shared_attention_bwd", &shared_attention_bwd_cuda);
+  m.impl("shared_attention_probs_fwd", &shared_attention_probs_fwd_cuda);
+  m.impl("shared_attention_probs_bwd", &shared_attention_probs_bwd_cuda);
+  m.impl("attention_similarity", &attention_similarity_cuda);
+}
+
+}  // namespace kdk
