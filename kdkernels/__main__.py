@@ -65,14 +65,15 @@ def main(argv=None):
     from .echoatt.cli import add_parser as add_echoatt_parser  # `echoatt-analyze`
 
     add_echoatt_parser(sub)
-    args, extra = parser.parse_known_args(argv)
-    # demo and bench pass their own flags through to the demo / the benchmark scripts.
-    if extra and args.command not in ("bench", "demo"):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "demo":
-        args.rest = list(args.rest) + extra
-    if args.command == "bench":
-        args.rest = extra
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # demo and bench hand their arguments, in order, to the demo / the benchmark scripts (argparse would
+    # split "--flag value" pairs between a REMAINDER and its unknown-argument list).
+    if argv[:1] == ["demo"]:  # the demo parses (and documents, --help) its own flags
+        return _demo(argparse.Namespace(rest=argv[1:]))
+    if argv[:1] == ["bench"] and not {"-h", "--help"} & set(argv[1:]):
+        n_ops = next((i for i, x in enumerate(argv[1:]) if x.startswith("-")), len(argv) - 1)
+        return _bench(argparse.Namespace(ops=argv[1:1 + n_ops], rest=argv[1 + n_ops:]))
+    args = parser.parse_args(argv)
     return args.fn(args)
 
 
