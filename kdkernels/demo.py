@@ -11,7 +11,9 @@ import math
 import os
 import re
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -381,25 +383,21 @@ def main(argv=None) -> int:
 
     s_order = batch_order(train_data.shape[0], cfg.s_steps, cfg.batch, a.seed + 2)
 
-    # Offline cache for the 'tail' student: teacher top-k log-probs at temperature T, as a distillation
-    # pipeline stores them (values float32, ids int32). A real pipeline caches the whole training set
-    # once; to keep the demo short only the windows the student will see are run through the teacher.
+    # Offline cache for the 'tail' students: the teacher's top-k log-probs at temperature T, written once
+    # with kdkernels.cache (checksummed, memory-mapped shards: the format a real pipeline uses) and read
+    # back every step. To keep the demo short only the windows the students will see go through the teacher.
+    from .cache import TeacherCache, build_cache
+
     used = torch.unique(s_order)
     slot = torch.full((train_data.shape[0],), -1, dtype=torch.long)
     slot[used] = torch.arange(used.numel())
-    cache_v = torch.empty(used.numel(), cfg.seq, cfg.k, dtype=torch.float32)
-    cache_i = torch.empty(used.numel(), cfg.seq, cfg.k, dtype=torch.int32)
+    cache_dir = tempfile.mkdtemp(prefix="kdkernels_demo_cache_")
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, used.numel(), 64):
-            with amp():
-                tl = teacher(train_data[used[i : i + 64], :-1].to(device))
-            v, ix = kdkernels.teacher_topk(tl, cfg.k, temperature=cfg.temperature, values_are="logprobs")
-            cache_v[i : i + 64] = v.float().cpu()
-            cache_i[i : i + 64] = ix.to(torch.int32).cpu()
-    per_tok = cfg.k * 8
-    log(f"teacher top-{cfg.k} cache: {per_tok} bytes/token vs {V * 2} for dense bf16 logits; "
-        f"{used.numel()} windows in {time.perf_counter() - t0:.1f}s")
+    report = build_cache(teacher, [w[:-1].tolist() for w in train_data[used]], cache_dir, k=cfg.k,
+                         temperature=cfg.temperature, vocab_size=V, device=device, batch_size=64)
+    cache = TeacherCache(cache_dir, vocab_size=V, k=cfg.k)
+    log(f"teacher top-{cfg.k} cache: {cache.bytes_per_token:.0f} bytes/token (vs {V * 2} for dense bf16 logits), "
+        f"{cache.num_tokens} tokens in {time.perf_counter() - t0:.1f}s ({report.tokens_per_s:.0f} tokens/s)")
 
     torch.manual_seed(a.seed + 3)
     student0 = TinyLM(V, cfg.seq, cfg.s_dim, cfg.s_layers, cfg.s_heads, 0.0)
@@ -414,9 +412,8 @@ def main(argv=None) -> int:
 
     def kd_tail(step, x, logits):
         # Offline: read the cached log-probs; the teacher's mass outside the top-k is the tail bucket.
-        rows = slot[s_order[step]]
-        v = cache_v[rows].to(device, non_blocking=True)
-        ix = cache_i[rows].to(device, non_blocking=True)
+        b = cache.batch(slot[s_order[step]].tolist())
+        v, ix = b.values.to(device, non_blocking=True), b.ids.to(device, non_blocking=True)
         return kdkernels.topk_kl_div(logits, v, ix, values_are="logprobs", mode="tail", temperature=cfg.temperature)
 
     current = {}  # the student being trained, for the term that reads its hidden states
@@ -475,6 +472,7 @@ def main(argv=None) -> int:
             r["peak_mib"] = mem.peak_mib
             del student
 
+    shutil.rmtree(cache_dir, ignore_errors=True)
     n_t = sum(p.numel() for p in teacher.parameters())
     n_s = sum(p.numel() for p in student0.parameters())
     print(f"\nteacher {n_t / 1e6:.2f}M params, val ppl {t_ppl:.2f}; student {n_s / 1e6:.2f}M params, "
