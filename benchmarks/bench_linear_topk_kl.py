@@ -44,6 +44,18 @@ def impls(device):
     fns = [("kdkernels fused linear", lambda h, w, v, i: kdkernels.linear_topk_kl_div(h, w, v, i, **kw)),
            ("unfused: logits GEMM + kdkernels.topk_kl_div",
             lambda h, w, v, i: kdkernels.topk_kl_div(h @ w.t(), v, i, **kw))]
+    try:  # Liger's fused linear JSD (a dense teacher: it also runs the teacher's head GEMM) where installed
+        from liger_kernel.transformers import LigerFusedLinearJSD
+    except Exception:
+        return fns
+    jsd = LigerFusedLinearJSD(jsd_beta=0.5)
+    teacher = {}
+
+    def liger(h, w, v, i):
+        if "w" not in teacher:  # a teacher head of the same shape, made once
+            teacher["h"], teacher["w"] = h.detach().clone(), w.detach().clone()
+        return jsd(h, w, teacher["h"], teacher["w"])
+    fns.append(("Liger LigerFusedLinearJSD (dense teacher)", liger))
     return fns
 
 
@@ -94,7 +106,9 @@ def main(argv=None) -> int:
         fused["note"] = f"loss rel diff vs unfused {rel:.1e}"
         if fused.get("peak_bytes") is not None and unfused.get("peak_bytes"):
             ratio = fused["peak_bytes"] / unfused["peak_bytes"]
-            common.check_bar(fused, f"peak <= {MEMORY_BAR:g} x unfused (got {ratio:.2f})", ratio <= MEMORY_BAR)
+            # The bar is for the bar shapes: at --quick shapes all rows fit one chunk of the default budget.
+            common.check_bar(fused, f"peak <= {MEMORY_BAR:g} x unfused (got {ratio:.2f})",
+                             None if a.quick else ratio <= MEMORY_BAR)
         t = fused["ms"] / unfused["ms"]
         common.check_bar(fused, f"time <= {TIME_BAR:g} x unfused (got {t:.2f})",
                          t <= TIME_BAR if device.type == "cuda" else None)
