@@ -8,7 +8,7 @@ from .functional import _require_backend, _shape, _t2, _topk_prepare
 # Default bytes for one chunk's logits and their gradient (2 x rows x V elements): small enough that
 # the chunk is a fraction of the (N, H) / (V, H) tensors the step holds anyway, large enough that each
 # chunk's GEMM still runs at full rate.
-DEFAULT_MEMORY_BUDGET = 256 * 2**20
+DEFAULT_MEMORY_BUDGET = 128 * 2**20
 
 
 def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, memory_budget: Optional[int] = None) -> int:
@@ -201,7 +201,7 @@ def linear_topk_kl_div(
 
     hidden (..., H), weight (V, H) (an lm_head's weight), bias (V,) or None. Rows are processed in
     chunks of `chunk_size` (default: as many as fit `memory_budget` bytes of logits plus their
-    gradient, 256 MiB). Every keyword of topk_kl_div is accepted (values_are, mode, divergence, beta,
+    gradient, 128 MiB). Every keyword of topk_kl_div is accepted (values_are, mode, divergence, beta,
     skew, temperature, scale_by_t2, mask, ignore_index, labels, reduction, num_items, out_of_range).
     Scalar reductions compute the gradients of hidden/weight/bias during the forward (the backward
     only scales them); reduction='none' recomputes each chunk's logits in the backward instead.
