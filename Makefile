@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # The CUDA kernels are compiled whenever a CUDA toolkit is found (setup.py, which also sets the
 # default TORCH_CUDA_ARCH_LIST); MAX_JOBS bounds the parallel compile jobs.
 export MAX_JOBS ?= 2
+# The emulated CUDA library kdkernels._emu too (docs/emulator.md): the tests run every CUDA test case on
+# it (marker `emu`). KDKERNELS_EMU=0 skips it (those cases are then skipped).
+export KDKERNELS_EMU ?= 1
 
 .PHONY: setup build demo test bench cmake-check clean
 

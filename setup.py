@@ -101,4 +101,20 @@ else:
     ext = CppExtension("kdkernels._C", cpu_sources, include_dirs=include_dirs, define_macros=macros,
                        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
+ext_modules = [ext]
+
+# kdkernels._emu: the CUDA launchers and kernels compiled with the host compiler against the emulator in
+# csrc/emu (built when KDKERNELS_EMU=1; the test suite's `emu` marker runs the CUDA test cases on it).
+# -fsanitize=kernel-address in call mode makes every load and store call the emulator's checks; no
+# sanitizer runtime is linked. -Dkdk=... keeps its symbols apart from kdkernels._C's.
+if os.environ.get("KDKERNELS_EMU", "0") == "1":
+    emu_flags = ["-O2", "-DKDK_EMU", "-Dkdk=kdk_on_emu", "-fsanitize=kernel-address",
+                 "--param=asan-instrumentation-with-call-threshold=0", "--param=asan-stack=0",
+                 "--param=asan-globals=0", "-fno-sanitize-address-use-after-scope", "-fno-omit-frame-pointer"]
+    emu_sources = sorted(glob.glob("csrc/emu/*.cpp") + glob.glob("csrc/common/*.cpp"))
+    ext_modules.append(CppExtension("kdkernels._emu", emu_sources,
+                                    include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "emu", "include")],
+                                    define_macros=[("KDK_TORCH_VERSION", f'"{torch.__version__}"')],
+                                    extra_compile_args={"cxx": emu_flags}))
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension})

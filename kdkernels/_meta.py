@@ -6,8 +6,31 @@ _MODES = ("renorm", "tail", "support", "dense")
 _DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 
 
+_FAKES = {}  # op name -> fake kernel, registered for every op library that declares the ops
+_REGISTERED = {"kdkernels"}
+
+
+def _fake(name):
+    def deco(fn):
+        _FAKES[name] = fn
+        return torch.library.register_fake(f"kdkernels::{name}")(fn)
+    return deco
+
+
+def register_fakes(ns):
+    """Registers every fake kernel for op library `ns` too (the emulated CUDA library, kdkernels_emu)."""
+    if ns not in _REGISTERED:
+        for name, fn in _FAKES.items():
+            torch.library.register_fake(f"{ns}::{name}")(fn)
+        _REGISTERED.add(ns)
+
+
 def _fail(msg):
     raise ValueError(_PREFIX + msg)
+
+
+def _shape_str(shape):
+    return str(tuple(int(d) for d in shape))
 
 
 def _acc_dtype(logits):
@@ -31,7 +54,7 @@ def check_topk_options(mode, divergence, param, temperature, values_are_logprobs
         _fail(f"{'beta' if divergence == 'jsd' else 'skew'} must be in [0, 1]: got {param}")
 
 
-@torch.library.register_fake("kdkernels::topk_kl_fwd")
+@_fake("topk_kl_fwd")
 def _topk_kl_fwd_fake(logits, values, indices, row_mask, mode, divergence, param, temperature,
                       values_are_logprobs, drop_out_of_range, validate):
     check_topk_options(mode, divergence, param, temperature, values_are_logprobs)
@@ -42,9 +65,21 @@ def _topk_kl_fwd_fake(logits, values, indices, row_mask, mode, divergence, param
             logits.new_empty((n, k), dtype=acc), logits.new_empty((n, 2), dtype=acc))
 
 
-@torch.library.register_fake("kdkernels::topk_kl_bwd")
+@_fake("topk_kl_bwd")
 def _topk_kl_bwd_fake(grad_loss, logits, values, indices, lse, coef, stat, mode, divergence, param,
                       temperature, values_are_logprobs):
+    check_topk_options(mode, divergence, param, temperature, values_are_logprobs)
+    n, k, acc = logits.shape[0], 0 if mode == "dense" else values.shape[1], _acc_dtype(logits)
+    for name, t, shape, exact in (("grad_loss", grad_loss, (n,), False), ("lse", lse, (n,), True),
+                                  ("coef", coef, (n, k), True), ("stat", stat, (n, 2), True)):
+        if t.device != logits.device:
+            _fail(f"{name} must be on the device of logits ({logits.device}): got {t.device}")
+        if tuple(t.shape) != shape:
+            _fail(f"{name} must have shape {_shape_str(shape)}: got {_shape_str(t.shape)}")
+        if exact and t.dtype != acc:
+            _fail(f"{name} must be {acc}: got {t.dtype}")
+        if not exact and not t.dtype.is_floating_point:
+            _fail(f"{name} must be a floating tensor: got {t.dtype}")
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -83,7 +118,7 @@ def _check_raw_cost(cost):
         raise ValueError(f"{_SINKHORN}cost must be 3-D (B, n, m) for the raw op: got shape {tuple(cost.shape)}")
 
 
-@torch.library.register_fake("kdkernels::sinkhorn_fwd")
+@_fake("sinkhorn_fwd")
 def _sinkhorn_fwd_fake(cost, log_a, log_b, eps, n_iters, tol, return_plan, validate):
     _check_raw_cost(cost)
     check_sinkhorn_options(eps, n_iters, tol)
@@ -95,7 +130,7 @@ def _sinkhorn_fwd_fake(cost, log_a, log_b, eps, n_iters, tol, return_plan, valid
             cost.new_empty(plan_shape, dtype=acc))
 
 
-@torch.library.register_fake("kdkernels::sinkhorn_bwd")
+@_fake("sinkhorn_bwd")
 def _sinkhorn_bwd_fake(grad_value, grad_plan, cost, log_a, log_b, f, g, iters, eps, grad, grad_marginals):
     if grad not in ("unrolled", "envelope"):
         raise ValueError(f"{_SINKHORN}grad must be 'unrolled' or 'envelope': got '{grad}'")
@@ -123,14 +158,14 @@ def _check_raw_logits(student_logits, teacher_logits, temperature, cost):
                          f"C = {student_logits.shape[2]}, got C = {teacher_logits.shape[2]}")
 
 
-@torch.library.register_fake("kdkernels::sinkhorn_cost_fwd")
+@_fake("sinkhorn_cost_fwd")
 def _sinkhorn_cost_fwd_fake(student_logits, teacher_logits, temperature, cost, validate):
     _check_raw_logits(student_logits, teacher_logits, temperature, cost)
     B, n, _ = student_logits.shape
     return student_logits.new_empty((B, n, teacher_logits.shape[1]), dtype=_acc_dtype(student_logits))
 
 
-@torch.library.register_fake("kdkernels::sinkhorn_cost_bwd")
+@_fake("sinkhorn_cost_bwd")
 def _sinkhorn_cost_bwd_fake(grad_cost, student_logits, teacher_logits, temperature, cost):
     _check_raw_logits(student_logits, teacher_logits, temperature, cost)
     return student_logits.new_empty(student_logits.shape)
@@ -227,7 +262,7 @@ def check_token_widths(Ds, Dt):
                          f"expected D = {Ds}, got D = {Dt}")
 
 
-@torch.library.register_fake("kdkernels::token_relation_fwd")
+@_fake("token_relation_fwd")
 def _token_relation_fwd_fake(student, teacher, mask, loss, similarity, num_heads, temperature, tau):
     check_token_relation_options(loss, similarity, num_heads, temperature, tau)
     check_token_features(_TR, student, teacher, mask)
@@ -237,7 +272,7 @@ def _token_relation_fwd_fake(student, teacher, mask, loss, similarity, num_heads
     return student.new_empty((P, n), dtype=acc), student.new_empty((P, num_heads, n, _TR_STATS), dtype=acc)
 
 
-@torch.library.register_fake("kdkernels::token_relation_bwd")
+@_fake("token_relation_bwd")
 def _token_relation_bwd_fake(grad_loss, student, teacher, mask, stat, loss, similarity, num_heads, temperature, tau,
                              teacher_grad):
     check_token_relation_options(loss, similarity, num_heads, temperature, tau)
@@ -247,7 +282,7 @@ def _token_relation_bwd_fake(grad_loss, student, teacher, mask, stat, loss, simi
             teacher.new_empty(teacher.shape) if teacher_grad else teacher.new_empty((0,)))
 
 
-@torch.library.register_fake("kdkernels::token_contrastive_fwd")
+@_fake("token_contrastive_fwd")
 def _token_contrastive_fwd_fake(student, teacher, mask, similarity, tau):
     check_token_contrastive_options(similarity, tau)
     check_token_features(_TC, student, teacher, mask)
@@ -257,7 +292,7 @@ def _token_contrastive_fwd_fake(student, teacher, mask, similarity, tau):
     return student.new_empty((P, n), dtype=acc), student.new_empty((P, n), dtype=acc)
 
 
-@torch.library.register_fake("kdkernels::token_contrastive_bwd")
+@_fake("token_contrastive_bwd")
 def _token_contrastive_bwd_fake(grad_loss, student, teacher, mask, lse, similarity, tau, teacher_grad):
     check_token_contrastive_options(similarity, tau)
     check_token_features(_TC, student, teacher, mask)
@@ -375,26 +410,26 @@ def check_attention_grad(n, dims, grad_out, out, q):
         _attn_fail(n, f"out must have shape (B, H, Tq, Dv) = {(B, H, Tq, Dv)}: got {tuple(out.shape)}")
 
 
-@torch.library.register_fake("kdkernels::attention_fwd")
+@_fake("attention_fwd")
 def _attention_fwd_fake(q, k, v, mask, causal, scale):
     B, H, Hk, Tq, Tk, D, Dv = check_attention(ATTN_NAMES, q, k, v, None, scale, mask)
     return q.new_empty((B, H, Tq, Dv)), q.new_empty((B, H, Tq), dtype=attn_acc_dtype(q))
 
 
-@torch.library.register_fake("kdkernels::attention_bwd")
+@_fake("attention_bwd")
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, mask, causal, scale):
     dims = check_attention(ATTN_NAMES, q, k, v, lse, scale, mask)
     check_attention_grad(ATTN_NAMES, dims, grad_out, out, q)
     return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
 
 
-@torch.library.register_fake("kdkernels::shared_attention_fwd")
+@_fake("shared_attention_fwd")
 def _shared_attention_fwd_fake(q, k, lse, v, mask, causal, scale):
     B, H, Hk, Tq, Tk, D, Dv = check_attention(SHARED_NAMES, q, k, v, lse, scale, mask)
     return q.new_empty((B, H, Tq, Dv))
 
 
-@torch.library.register_fake("kdkernels::shared_attention_bwd")
+@_fake("shared_attention_bwd")
 def _shared_attention_bwd_fake(grad_out, q, k, lse, v, out, mask, causal, scale, grad_qk):
     dims = check_attention(SHARED_NAMES, q, k, v, lse, scale, mask)
     check_attention_grad(SHARED_NAMES, dims, grad_out, out, q)
@@ -403,13 +438,13 @@ def _shared_attention_bwd_fake(grad_out, q, k, lse, v, out, mask, causal, scale,
     return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
 
 
-@torch.library.register_fake("kdkernels::shared_attention_probs_fwd")
+@_fake("shared_attention_probs_fwd")
 def _shared_attention_probs_fwd_fake(q, k, lse, mask, causal, scale):
     B, H, Hk, Tq, Tk, D, Dv = check_attention(SHARED_NAMES, q, k, None, lse, scale, mask)
     return q.new_empty((B, H, Tq, Tk))
 
 
-@torch.library.register_fake("kdkernels::shared_attention_probs_bwd")
+@_fake("shared_attention_probs_bwd")
 def _shared_attention_probs_bwd_fake(grad_probs, probs, q, k, scale):
     B, H, Hk, Tq, Tk, D, Dv = check_attention(SHARED_NAMES, q, k, None, None, scale)
     for name, t in (("grad_probs", grad_probs), ("probs", probs)):
@@ -454,7 +489,7 @@ def check_attention_similarity(qs, ks, mask, scale, metric):
     return L
 
 
-@torch.library.register_fake("kdkernels::attention_similarity")
+@_fake("attention_similarity")
 def _attention_similarity_fake(qs, ks, mask, causal, scale, metric):
     L = check_attention_similarity(qs, ks, mask, scale, metric)
     return qs.new_empty((L, L), dtype=attn_acc_dtype(qs))

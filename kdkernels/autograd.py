@@ -1,5 +1,8 @@
-"""torch.autograd.Functions of kdkernels: each calls only its torch.ops.kdkernels.* forward and backward ops."""
+"""torch.autograd.Functions of kdkernels: each calls only its kdkernels forward and backward
+ops, through `_ops.lib` (torch.ops.kdkernels, or the emulated CUDA library in tests)."""
 import torch
+
+from . import _ops
 
 
 class TopKKL(torch.autograd.Function):
@@ -7,7 +10,7 @@ class TopKKL(torch.autograd.Function):
 
     @staticmethod
     def forward(logits, values, indices, row_mask, mode, divergence, param, temperature, logprobs, drop, validate):
-        return torch.ops.kdkernels.topk_kl_fwd(logits, values, indices, row_mask, mode, divergence, param,
+        return _ops.lib.topk_kl_fwd(logits, values, indices, row_mask, mode, divergence, param,
                                                temperature, logprobs, drop, validate)
 
     @staticmethod
@@ -25,7 +28,7 @@ class TopKKL(torch.autograd.Function):
         logits, values, indices, row_mask, lse, coef, stat = ctx.saved_tensors
         if row_mask is not None:  # masked rows must get exactly zero, whatever the upstream gradient
             grad_loss = torch.where(row_mask, grad_loss, torch.zeros_like(grad_loss))
-        grad = torch.ops.kdkernels.topk_kl_bwd(grad_loss, logits, values, indices, lse, coef, stat, *ctx.options)
+        grad = _ops.lib.topk_kl_bwd(grad_loss, logits, values, indices, lse, coef, stat, *ctx.options)
         # The teacher is a constant target: no gradient flows to its values or ids.
         return (grad,) + (None,) * 10
 
@@ -37,7 +40,7 @@ class Sinkhorn(torch.autograd.Function):
 
     @staticmethod
     def forward(cost, log_a, log_b, eps, n_iters, tol, grad, return_plan, validate):
-        return torch.ops.kdkernels.sinkhorn_fwd(cost, log_a, log_b, eps, n_iters, tol, return_plan, validate)
+        return _ops.lib.sinkhorn_fwd(cost, log_a, log_b, eps, n_iters, tol, return_plan, validate)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -59,7 +62,7 @@ class Sinkhorn(torch.autograd.Function):
             grad_value = torch.zeros(cost.shape[0], dtype=f.dtype, device=cost.device)
         if not (ctx.return_plan and ctx.grad == "unrolled"):
             grad_plan = None
-        dcost, dla, dlb = torch.ops.kdkernels.sinkhorn_bwd(grad_value, grad_plan, cost, log_a, log_b, f, g, iters,
+        dcost, dla, dlb = _ops.lib.sinkhorn_bwd(grad_value, grad_plan, cost, log_a, log_b, f, g, iters,
                                                            ctx.eps, ctx.grad, bool(need_a or need_b))
         return (dcost if need_cost else None, dla if need_a else None, dlb if need_b else None) + (None,) * 6
 
@@ -70,7 +73,7 @@ class SinkhornCost(torch.autograd.Function):
 
     @staticmethod
     def forward(student_logits, teacher_logits, temperature, cost, validate):
-        return torch.ops.kdkernels.sinkhorn_cost_fwd(student_logits, teacher_logits, temperature, cost, validate)
+        return _ops.lib.sinkhorn_cost_fwd(student_logits, teacher_logits, temperature, cost, validate)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -83,7 +86,7 @@ class SinkhornCost(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 5
         student_logits, teacher_logits = ctx.saved_tensors
-        grad = torch.ops.kdkernels.sinkhorn_cost_bwd(grad_cost, student_logits, teacher_logits, *ctx.options)
+        grad = _ops.lib.sinkhorn_cost_bwd(grad_cost, student_logits, teacher_logits, *ctx.options)
         return (grad,) + (None,) * 4
 
 
@@ -94,7 +97,7 @@ class TokenRelation(torch.autograd.Function):
 
     @staticmethod
     def forward(student, teacher, mask, loss, similarity, num_heads, temperature, tau, teacher_grad):
-        return torch.ops.kdkernels.token_relation_fwd(student, teacher, mask, loss, similarity, num_heads,
+        return _ops.lib.token_relation_fwd(student, teacher, mask, loss, similarity, num_heads,
                                                       temperature, tau)
 
     @staticmethod
@@ -113,7 +116,7 @@ class TokenRelation(torch.autograd.Function):
         if not (need_s or need_t):
             return (None,) * 9
         student, teacher, mask, stat = ctx.saved_tensors
-        gs, gt = torch.ops.kdkernels.token_relation_bwd(grad_loss, student, teacher, mask, stat, *ctx.options, need_t)
+        gs, gt = _ops.lib.token_relation_bwd(grad_loss, student, teacher, mask, stat, *ctx.options, need_t)
         return (gs if need_s else None, gt if need_t else None) + (None,) * 7
 
 
@@ -123,7 +126,7 @@ class TokenContrastive(torch.autograd.Function):
 
     @staticmethod
     def forward(student, teacher, mask, similarity, tau, teacher_grad):
-        return torch.ops.kdkernels.token_contrastive_fwd(student, teacher, mask, similarity, tau)
+        return _ops.lib.token_contrastive_fwd(student, teacher, mask, similarity, tau)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -141,7 +144,7 @@ class TokenContrastive(torch.autograd.Function):
         if not (need_s or need_t):
             return (None,) * 6
         student, teacher, mask, lse = ctx.saved_tensors
-        gs, gt = torch.ops.kdkernels.token_contrastive_bwd(grad_loss, student, teacher, mask, lse, *ctx.options, need_t)
+        gs, gt = _ops.lib.token_contrastive_bwd(grad_loss, student, teacher, mask, lse, *ctx.options, need_t)
         return (gs if need_s else None, gt if need_t else None) + (None,) * 4
 
 
@@ -155,7 +158,7 @@ class Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, mask, causal, scale):
-        return torch.ops.kdkernels.attention_fwd(q, k, v, mask, causal, scale)
+        return _ops.lib.attention_fwd(q, k, v, mask, causal, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -171,7 +174,7 @@ class Attention(torch.autograd.Function):
         if grad_out is None or not any(need[:3]):
             return (None,) * 6
         q, k, v, out, lse, mask = ctx.saved_tensors
-        dq, dk, dv = torch.ops.kdkernels.attention_bwd(grad_out, q, k, v, out, lse, mask, *ctx.options)
+        dq, dk, dv = _ops.lib.attention_bwd(grad_out, q, k, v, out, lse, mask, *ctx.options)
         return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None
 
 
@@ -182,7 +185,7 @@ class SharedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, lse, v, mask, causal, scale):
-        return torch.ops.kdkernels.shared_attention_fwd(q, k, lse, v, mask, causal, scale)
+        return _ops.lib.shared_attention_fwd(q, k, lse, v, mask, causal, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -197,7 +200,7 @@ class SharedAttention(torch.autograd.Function):
             return (None,) * 7
         q, k, lse, v, out, mask = ctx.saved_tensors
         grad_qk = bool(need[0] or need[1])
-        dq, dk, dv = torch.ops.kdkernels.shared_attention_bwd(grad_out, q, k, lse, v, out, mask, *ctx.options,
+        dq, dk, dv = _ops.lib.shared_attention_bwd(grad_out, q, k, lse, v, out, mask, *ctx.options,
                                                               grad_qk)
         return (dq if need[0] else None, dk if need[1] else None, None, dv if need[3] else None, None, None, None)
 
@@ -208,7 +211,7 @@ class SharedAttentionProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, lse, mask, causal, scale):
-        return torch.ops.kdkernels.shared_attention_probs_fwd(q, k, lse, mask, causal, scale)
+        return _ops.lib.shared_attention_probs_fwd(q, k, lse, mask, causal, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -222,5 +225,5 @@ class SharedAttentionProbs(torch.autograd.Function):
         if not (need[0] or need[1]):
             return (None,) * 6
         q, k, probs = ctx.saved_tensors
-        dq, dk = torch.ops.kdkernels.shared_attention_probs_bwd(grad_probs, probs, q, k, ctx.scale)
+        dq, dk = _ops.lib.shared_attention_probs_bwd(grad_probs, probs, q, k, ctx.scale)
         return dq if need[0] else None, dk if need[1] else None, None, None, None, None

@@ -4,7 +4,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from . import _C
+from . import _C, _ops
 from .autograd import Sinkhorn, SinkhornCost, TopKKL
 
 
@@ -688,4 +688,4 @@ def attention_similarity(qs, ks, *, metric: str = "js", causal: bool = False, sc
     m = _attn_mask("attention_similarity", mask, (B, H, Tq, k5.shape[3]), q5.device, "qs")
     _require_backend(q5, "attention_similarity")
     with torch.no_grad():
-        return torch.ops.kdkernels.attention_similarity(q5, k5, m, bool(causal), scale, metric)
+        return _ops.lib.attention_similarity(q5, k5, m, bool(causal), scale, metric)

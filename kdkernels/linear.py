@@ -3,6 +3,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import _ops
 from .functional import _require_backend, _shape, _t2, _topk_prepare
 
 # Default bytes for one chunk's logits and their gradient (2 x rows x V elements): small enough that
@@ -29,11 +30,11 @@ class LocalCore:
         self.options, self.validate = options, validate
 
     def fwd(self, z, values, ids, valid):
-        loss, lse, coef, stat = torch.ops.kdkernels.topk_kl_fwd(z, values, ids, valid, *self.options, self.validate)
+        loss, lse, coef, stat = _ops.lib.topk_kl_fwd(z, values, ids, valid, *self.options, self.validate)
         return loss, lse, coef, stat, ids
 
     def bwd(self, grad_rows, z, values, ids, lse, coef, stat):
-        return torch.ops.kdkernels.topk_kl_bwd(grad_rows, z, values, ids, lse, coef, stat, *self.options[:5])
+        return _ops.lib.topk_kl_bwd(grad_rows, z, values, ids, lse, coef, stat, *self.options[:5])
 
 
 class _Grads:

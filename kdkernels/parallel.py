@@ -15,6 +15,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
+from . import _ops
 from .functional import _reduce, _require_backend, _t2, _topk_prepare
 from .linear import _run_linear, chunk_rows
 from .reference import _DIVERGENCE_FNS, sparse_rows_ref
@@ -109,7 +110,7 @@ class VocabParallelCore:
 
     def bwd(self, grad_rows, z, values, local_ids, lse, coef, stat):
         mode, div, param, temperature, logprobs, _ = self.options
-        return torch.ops.kdkernels.topk_kl_bwd(grad_rows, z, values, local_ids, lse, coef, stat, mode, div, param,
+        return _ops.lib.topk_kl_bwd(grad_rows, z, values, local_ids, lse, coef, stat, mode, div, param,
                                                temperature, logprobs)
 
 

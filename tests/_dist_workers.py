@@ -1,10 +1,12 @@
 """Worker functions of the multi-process tests (gloo on CPU): each rank checks itself and raises on mismatch."""
+import contextlib
 import os
 
 import torch
 import torch.distributed as dist
 
 import kdkernels
+from kdkernels import _ops
 
 SPARSE_CASES = [("renorm", "forward_kl", "logits"), ("tail", "jsd", "logprobs"), ("support", "reverse_kl", "logits"),
                 ("tail", "tvd", "logprobs")]
@@ -26,62 +28,68 @@ def _slices(V, world):
     return starts, sizes
 
 
-def vocab_parallel(rank, world, port):
+def vocab_parallel(rank, world, port, emulated=False):
+    """emulated: both the single-process op and the ranks' ops run the CUDA code path on the emulator."""
     _init(rank, world, port)
     try:
-        g = torch.Generator().manual_seed(1234)  # the same full problem on every rank
-        N, V, K = 13, 57, 6
-        starts, sizes = _slices(V, world)
-        lo, hi = starts[rank], starts[rank] + sizes[rank]
-        z = torch.randn(N, V, dtype=torch.float64, generator=g) * 2
-        teacher = torch.randn(N, V, dtype=torch.float64, generator=g) * 2
-        labels = torch.randint(0, V, (N,), generator=g)
-        labels[::3] = -100
-        up = torch.randn(N, dtype=torch.float64, generator=g)
-        for mode, div, values_are in SPARSE_CASES + DENSE_CASES:
-            for reduction in ("mean", "none"):
-                kw = dict(mode=mode, divergence=div, values_are=values_are, temperature=1.3, labels=labels,
-                          reduction=reduction)
-                if mode == "dense":
-                    vals = teacher if values_are == "logits" else torch.log_softmax(teacher, -1)
-                    ids, local_vals = None, vals[:, lo:hi]
-                else:
-                    vals, ids = kdkernels.teacher_topk(teacher, K, temperature=1.3, values_are=values_are)
-                    ids[0, -1] = V + 3  # a teacher id beyond the student vocabulary: dropped
-                    kw["out_of_range"] = "drop"
-                    local_vals = vals
-                full = z.clone().requires_grad_()
-                ref = kdkernels.topk_kl_div(full, vals, ids, **kw)
-                local = z[:, lo:hi].clone().requires_grad_()
-                got = kdkernels.vocab_parallel_topk_kl_div(local, local_vals, ids, **kw)
-                torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=f"{mode} {div} {reduction} value")
-                u = up if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
-                g_ref, = torch.autograd.grad(ref, full, u)
-                g_got, = torch.autograd.grad(got, local, u)
-                torch.testing.assert_close(g_got, g_ref[:, lo:hi], rtol=1e-9, atol=1e-12,
-                                           msg=f"{mode} {div} {reduction} grad slice")
-
-        # Fused linear, vocab-parallel: lm_head rows split over the ranks.
-        H = 9
-        h = torch.randn(N, H, dtype=torch.float64, generator=g)
-        W = torch.randn(V, H, dtype=torch.float64, generator=g)
-        b = torch.randn(V, dtype=torch.float64, generator=g)
-        vals, ids = kdkernels.teacher_topk(teacher, K, values_are="logprobs")
-        for reduction in ("mean", "none"):
-            kw = dict(mode="tail", values_are="logprobs", labels=labels, reduction=reduction, temperature=2.0)
-            hf, Wf, bf = (t.clone().requires_grad_() for t in (h, W, b))
-            ref = kdkernels.topk_kl_div(hf @ Wf.t() + bf, vals, ids, **kw)
-            hl, Wl, bl = h.clone().requires_grad_(), W[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
-            got = kdkernels.vocab_parallel_linear_topk_kl_div(hl, Wl, vals, ids, local_bias=bl, chunk_size=4, **kw)
-            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=f"linear {reduction} value")
-            u = up if reduction == "none" else torch.tensor(0.8, dtype=torch.float64)
-            gr = torch.autograd.grad(ref, (hf, Wf, bf), u)
-            gg = torch.autograd.grad(got, (hl, Wl, bl), u)
-            torch.testing.assert_close(gg[0], gr[0], rtol=1e-9, atol=1e-12, msg="linear grad hidden")
-            torch.testing.assert_close(gg[1], gr[1][lo:hi], rtol=1e-9, atol=1e-12, msg="linear grad weight slice")
-            torch.testing.assert_close(gg[2], gr[2][lo:hi], rtol=1e-9, atol=1e-12, msg="linear grad bias slice")
+        with (_ops.emulated() if emulated else contextlib.nullcontext()):
+            _vocab_parallel(rank, world)
     finally:
         dist.destroy_process_group()
+
+
+def _vocab_parallel(rank, world):
+    g = torch.Generator().manual_seed(1234)  # the same full problem on every rank
+    N, V, K = 13, 57, 6
+    starts, sizes = _slices(V, world)
+    lo, hi = starts[rank], starts[rank] + sizes[rank]
+    z = torch.randn(N, V, dtype=torch.float64, generator=g) * 2
+    teacher = torch.randn(N, V, dtype=torch.float64, generator=g) * 2
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::3] = -100
+    up = torch.randn(N, dtype=torch.float64, generator=g)
+    for mode, div, values_are in SPARSE_CASES + DENSE_CASES:
+        for reduction in ("mean", "none"):
+            kw = dict(mode=mode, divergence=div, values_are=values_are, temperature=1.3, labels=labels,
+                      reduction=reduction)
+            if mode == "dense":
+                vals = teacher if values_are == "logits" else torch.log_softmax(teacher, -1)
+                ids, local_vals = None, vals[:, lo:hi]
+            else:
+                vals, ids = kdkernels.teacher_topk(teacher, K, temperature=1.3, values_are=values_are)
+                ids[0, -1] = V + 3  # a teacher id beyond the student vocabulary: dropped
+                kw["out_of_range"] = "drop"
+                local_vals = vals
+            full = z.clone().requires_grad_()
+            ref = kdkernels.topk_kl_div(full, vals, ids, **kw)
+            local = z[:, lo:hi].clone().requires_grad_()
+            got = kdkernels.vocab_parallel_topk_kl_div(local, local_vals, ids, **kw)
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=f"{mode} {div} {reduction} value")
+            u = up if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+            g_ref, = torch.autograd.grad(ref, full, u)
+            g_got, = torch.autograd.grad(got, local, u)
+            torch.testing.assert_close(g_got, g_ref[:, lo:hi], rtol=1e-9, atol=1e-12,
+                                       msg=f"{mode} {div} {reduction} grad slice")
+
+    # Fused linear, vocab-parallel: lm_head rows split over the ranks.
+    H = 9
+    h = torch.randn(N, H, dtype=torch.float64, generator=g)
+    W = torch.randn(V, H, dtype=torch.float64, generator=g)
+    b = torch.randn(V, dtype=torch.float64, generator=g)
+    vals, ids = kdkernels.teacher_topk(teacher, K, values_are="logprobs")
+    for reduction in ("mean", "none"):
+        kw = dict(mode="tail", values_are="logprobs", labels=labels, reduction=reduction, temperature=2.0)
+        hf, Wf, bf = (t.clone().requires_grad_() for t in (h, W, b))
+        ref = kdkernels.topk_kl_div(hf @ Wf.t() + bf, vals, ids, **kw)
+        hl, Wl, bl = h.clone().requires_grad_(), W[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
+        got = kdkernels.vocab_parallel_linear_topk_kl_div(hl, Wl, vals, ids, local_bias=bl, chunk_size=4, **kw)
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=f"linear {reduction} value")
+        u = up if reduction == "none" else torch.tensor(0.8, dtype=torch.float64)
+        gr = torch.autograd.grad(ref, (hf, Wf, bf), u)
+        gg = torch.autograd.grad(got, (hl, Wl, bl), u)
+        torch.testing.assert_close(gg[0], gr[0], rtol=1e-9, atol=1e-12, msg="linear grad hidden")
+        torch.testing.assert_close(gg[1], gr[1][lo:hi], rtol=1e-9, atol=1e-12, msg="linear grad weight slice")
+        torch.testing.assert_close(gg[2], gr[2][lo:hi], rtol=1e-9, atol=1e-12, msg="linear grad bias slice")
 
 
 def data_parallel(rank, world, port):

@@ -18,10 +18,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_vocab_parallel_equals_single_process(world):
+@pytest.mark.parametrize("world,emulated", [(2, False), (4, False), pytest.param(2, True, marks=pytest.mark.emu)])
+def test_vocab_parallel_equals_single_process(world, emulated):
     # Every rank compares its value and gradient slice with the single-process op; a mismatch raises there.
-    mp.spawn(_dist_workers.vocab_parallel, args=(world, _free_port()), nprocs=world, join=True)
+    # emulated: the ranks' ops run the CUDA launchers and kernels on the emulator.
+    mp.spawn(_dist_workers.vocab_parallel, args=(world, _free_port(), emulated), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kdkernels
+from kdkernels import _ops
 from kdkernels.reference import (
     sinkd_official_ref,
     sinkhorn_cost_ref,
@@ -262,7 +263,7 @@ def test_tolerance_stops_each_problem(device):
     _close(g, rg, 1e-7)
     la = torch.full((B, n), -math.log(n), dtype=F64, device=device)
     lb = torch.full((B, m), -math.log(m), dtype=F64, device=device)
-    out = torch.ops.kdkernels.sinkhorn_fwd(cost.detach(), la, lb, 1.0, 200, 1e-6, True, True)
+    out = _ops.lib.sinkhorn_fwd(cost.detach(), la, lb, 1.0, 200, 1e-6, True, True)
     iters = out[3].cpu()
     assert iters.dtype == torch.int32 and (iters >= 1).all() and (iters <= 200).all()
     assert (iters < 200).sum() >= 4 and len(set(iters.tolist())) > 3, iters  # each problem stopped on its own
@@ -271,7 +272,7 @@ def test_tolerance_stops_each_problem(device):
     stopped = iters < 200
     assert (err[stopped] <= 1e-6).all() and (err[~stopped] > 1e-6).all()
     # tol = 0 runs every iteration
-    out0 = torch.ops.kdkernels.sinkhorn_fwd(cost.detach(), la, lb, 1.0, 7, 0.0, False, True)
+    out0 = _ops.lib.sinkhorn_fwd(cost.detach(), la, lb, 1.0, 7, 0.0, False, True)
     assert (out0[3] == 7).all()
 
 
@@ -475,10 +476,10 @@ def test_stability_float32_close_to_float64(device):
 
 def test_raw_ops_shapes(device):
     cost = _costs(3, 4, 5, dtype=torch.float32, device=device, requires_grad=False)
-    value, f, g, iters, plan = torch.ops.kdkernels.sinkhorn_fwd(cost, None, None, 0.1, 6, 0.0, False, True)
+    value, f, g, iters, plan = _ops.lib.sinkhorn_fwd(cost, None, None, 0.1, 6, 0.0, False, True)
     assert value.shape == (3,) and f.shape == (3, 6, 4) and g.shape == (3, 6, 5) and iters.shape == (3,)
     assert plan.shape == (0,) and (iters == 6).all()
-    dc, dla, dlb = torch.ops.kdkernels.sinkhorn_bwd(torch.ones_like(value), None, cost, None, None, f, g, iters, 0.1,
+    dc, dla, dlb = _ops.lib.sinkhorn_bwd(torch.ones_like(value), None, cost, None, None, f, g, iters, 0.1,
                                                     "unrolled", False)
     assert dc.shape == cost.shape and dla.shape == (0,) and dlb.shape == (0,)
     # the potentials are those of the log-domain recursion
@@ -502,16 +503,16 @@ def test_opcheck(device):
     cost, la, lb = _opcheck_inputs(device)
     for args in ((cost, None, None, 0.2, 4, 0.0, True, True), (cost.float(), None, None, 0.2, 3, 1e-3, False, True),
                  (cost, la, lb, 0.3, 5, 0.0, True, False)):
-        torch.library.opcheck(torch.ops.kdkernels.sinkhorn_fwd.default, args)
-    value, f, g, iters, plan = torch.ops.kdkernels.sinkhorn_fwd(cost, la, lb, 0.3, 5, 0.0, True, True)
+        torch.library.opcheck(_ops.lib.sinkhorn_fwd.default, args)
+    value, f, g, iters, plan = _ops.lib.sinkhorn_fwd(cost, la, lb, 0.3, 5, 0.0, True, True)
     for grad in ("unrolled", "envelope"):
         bwd = (torch.rand_like(value), torch.rand_like(plan), cost, la, lb, f, g, iters, 0.3, grad, True)
-        torch.library.opcheck(torch.ops.kdkernels.sinkhorn_bwd.default, bwd)
+        torch.library.opcheck(_ops.lib.sinkhorn_bwd.default, bwd)
     ys = _logits(2, 3, 5, device=device, requires_grad=False)
     yt = _logits(2, 4, 5, device=device, requires_grad=False).float()
-    torch.library.opcheck(torch.ops.kdkernels.sinkhorn_cost_fwd.default, (ys, yt, 2.0, "l1", True))
+    torch.library.opcheck(_ops.lib.sinkhorn_cost_fwd.default, (ys, yt, 2.0, "l1", True))
     w = torch.rand(2, 3, 4, dtype=F64, device=device)
-    torch.library.opcheck(torch.ops.kdkernels.sinkhorn_cost_bwd.default, (w, ys, yt, 2.0, "sqeuclidean"))
+    torch.library.opcheck(_ops.lib.sinkhorn_cost_bwd.default, (w, ys, yt, 2.0, "sqeuclidean"))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -635,14 +636,14 @@ def _refusals(device):
         (lambda: f(row_c), P + "cost row 2 of problem 1 has no finite entry (every pair of that point is forbidden)"),
         (lambda: f(col_c),
          P + "cost column 1 of problem 0 has no finite entry (every pair of that point is forbidden)"),
-        (lambda: torch.ops.kdkernels.sinkhorn_fwd(c[0], None, None, 0.1, 3, 0.0, False, True),
+        (lambda: _ops.lib.sinkhorn_fwd(c[0], None, None, 0.1, 3, 0.0, False, True),
          P + "cost must be 3-D (B, n, m) for the raw op: got shape (4, 3)"),
-        (lambda: torch.ops.kdkernels.sinkhorn_fwd(c, torch.zeros(2, 4, dtype=F64, device=device), None, 0.1, 3, 0.0,
+        (lambda: _ops.lib.sinkhorn_fwd(c, torch.zeros(2, 4, dtype=F64, device=device), None, 0.1, 3, 0.0,
                                                   False, True),
          P + "log_a must be torch.float32 (the accumulation dtype of cost): got torch.float64"),
-        (lambda: torch.ops.kdkernels.sinkhorn_fwd(c, None, torch.zeros(2, 4, device=device), 0.1, 3, 0.0, False, True),
+        (lambda: _ops.lib.sinkhorn_fwd(c, None, torch.zeros(2, 4, device=device), 0.1, 3, 0.0, False, True),
          P + "log_b must have shape (2, 3): got (2, 4)"),
-        (lambda: torch.ops.kdkernels.sinkhorn_fwd(c, torch.tensor([[0.0] * 4, [0.0, math.nan, 0.0, 0.0]],
+        (lambda: _ops.lib.sinkhorn_fwd(c, torch.tensor([[0.0] * 4, [0.0, math.nan, 0.0, 0.0]],
                                                                   device=device), None, 0.1, 3, 0.0, False, True),
          P + "log_a must not contain NaN or +inf: found one in problem 1"),
         # the loss
@@ -667,9 +668,9 @@ def _refusals(device):
         (lambda: fl(s, t, reduction="avg"), PL + "reduction must be one of 'mean', 'sum', 'none': got 'avg'"),
         (lambda: fl(s, t, mask=torch.ones(2, 5, dtype=torch.bool, device=device)),
          PL + "mask must have the leading shape of student_logits: expected (2, 4), got (2, 5)"),
-        (lambda: torch.ops.kdkernels.sinkhorn_cost_fwd(s, torch.randn(3, 4, 5, device=device), 2.0, "l1", True),
+        (lambda: _ops.lib.sinkhorn_cost_fwd(s, torch.randn(3, 4, 5, device=device), 2.0, "l1", True),
          PL + "teacher_logits must hold as many problems as student_logits: expected B = 2, got B = 3"),
-        (lambda: torch.ops.kdkernels.sinkhorn_cost_fwd(s[0], t[0], 2.0, "l1", True),
+        (lambda: _ops.lib.sinkhorn_cost_fwd(s[0], t[0], 2.0, "l1", True),
          PL + "student_logits must be 3-D (B, n, C) for the raw op: got shape (4, 5)"),
     ]
     return cases

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kdkernels
+from kdkernels import _ops
 from kdkernels.reference import teacher_topk_ref, topk_kl_div_ref
 from utils import (
     ALL_DTYPES,
@@ -245,6 +246,28 @@ def test_neg_inf_teacher_values(device, mode, divergence):
         assert loss[3].item() == 0.0 and (grad[3] == 0).all()
 
 
+@pytest.mark.parametrize("mode,divergence", [("renorm", "forward_kl"), ("tail", "reverse_kl"), ("support", "jsd"),
+                                             ("dense", "forward_kl"), ("dense", "jsd")])
+def test_neg_inf_at_row_start(device, mode, divergence):
+    # -inf in the first 600 entries of a row: every GPU thread's first elements (up to 512 threads x 16-byte
+    # loads, or 128 threads x 4 floats) are -inf, which once made the CUDA path's online log-sum-exp NaN.
+    N, V, K, P = 4, 1100, 6, 600
+    z = make_student(N, V, torch.float32, device, requires_grad=False)
+    t, ids = make_teacher(N, V, K, "logprobs", mode, dtype=torch.float32)
+    if mode == "dense":
+        t[:3, :P] = float("-inf")  # the teacher's masked ids
+        t = torch.log_softmax(t, -1)
+    else:
+        ids = torch.stack([torch.randperm(V - P)[:K] + P for _ in range(N)])  # the support is finite
+        z[:3, :P] = float("-inf")  # masked student logits
+    z = z.to(device).requires_grad_(True)
+    up = torch.rand(N, dtype=torch.float64).to(device)
+    loss, grad = _check(z, t.to(device), None if ids is None else ids.to(device), torch.float32, upstream=up,
+                        reduction="none", mode=mode,
+                        divergence=divergence, values_are="logprobs")
+    assert torch.isfinite(loss).all() and not grad.isnan().any()
+
+
 # ---------------------------------------------------------------------------------------------
 # gradcheck, opcheck, torch.compile
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +308,7 @@ RAW_CONFIGS = [("renorm", "forward_kl", False), ("tail", "jsd", True), ("support
 def test_raw_ops_values(device, mode, divergence, masked):
     z, t, ids, row_mask, va = _raw_inputs(mode, device, masked=masked)
     T, param = 1.5, 0.3
-    loss, lse, coef, stat = torch.ops.kdkernels.topk_kl_fwd(
+    loss, lse, coef, stat = _ops.lib.topk_kl_fwd(
         z, t, ids, row_mask, mode, divergence, param, T, va == "logprobs", False, True)
     N = z.shape[0]
     K = 0 if mode == "dense" else t.shape[1]
@@ -300,7 +323,7 @@ def test_raw_ops_values(device, mode, divergence, masked):
                                       values_are=va, beta=param, skew=param, temperature=T, scale_by_t2=False,
                                       reduction="none")
     assert_loss_close(loss.cpu()[keep], ref[keep], torch.float32)
-    grad = torch.ops.kdkernels.topk_kl_bwd((up * keep).float().to(device), z, t, ids, lse, coef, stat, mode,
+    grad = _ops.lib.topk_kl_bwd((up * keep).float().to(device), z, t, ids, lse, coef, stat, mode,
                                           divergence, param, T, va == "logprobs")
     assert grad.shape == z.shape and grad.dtype == z.dtype
     assert_grad_close(grad, ref_grad, torch.float32)
@@ -310,10 +333,10 @@ def test_raw_ops_values(device, mode, divergence, masked):
 def test_opcheck(device, mode, divergence, masked):
     z, t, ids, row_mask, va = _raw_inputs(mode, device, masked=masked, N=3, V=11, K=3)
     args = (z, t, ids, row_mask, mode, divergence, 0.3, 1.5, va == "logprobs", False, True)
-    torch.library.opcheck(torch.ops.kdkernels.topk_kl_fwd.default, args)
-    loss, lse, coef, stat = torch.ops.kdkernels.topk_kl_fwd(*args)
+    torch.library.opcheck(_ops.lib.topk_kl_fwd.default, args)
+    loss, lse, coef, stat = _ops.lib.topk_kl_fwd(*args)
     bwd_args = (torch.rand_like(loss), z, t, ids, lse, coef, stat, mode, divergence, 0.3, 1.5, va == "logprobs")
-    torch.library.opcheck(torch.ops.kdkernels.topk_kl_bwd.default, bwd_args)
+    torch.library.opcheck(_ops.lib.topk_kl_bwd.default, bwd_args)
 
 
 @pytest.mark.parametrize("mode,divergence,backend", [("renorm", "forward_kl", "inductor"),

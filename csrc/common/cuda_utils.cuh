@@ -4,6 +4,21 @@
 
 #include "common/hd.h"
 
+// Shared memory is declared through these two macros, so that the emulator (csrc/emu) can place it.
+#ifdef KDK_EMU
+#include "emu/cuda_emu.h"
+#else
+#define KDK_DYNAMIC_SMEM(name, align) extern __shared__ __align__(align) unsigned char name[]
+#define KDK_STATIC_SMEM(type, name, dims) __shared__ type name dims
+#endif
+
+// Tensor-core (mma.sync / WMMA) code paths: sm_80 and later, which the emulator models.
+#if defined(KDK_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+#define KDK_TENSOR_CORES 1
+#else
+#define KDK_TENSOR_CORES 0
+#endif
+
 namespace kdk {
 
 template <class T> __device__ __forceinline__ T warp_sum(T v) {

@@ -119,4 +119,23 @@ void topk_kl_validate_ids(const at::Tensor& indices, int64_t V, bool drop) {
   }
 }
 
+void topk_kl_check_saved(const TopkArgs& a, const at::Tensor& logits, const at::Tensor& grad_loss,
+                         const at::Tensor& lse, const at::Tensor& coef, const at::Tensor& stat) {
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto check = [&](const at::Tensor& t, const char* name, std::vector<int64_t> shape, bool exact_dtype) {
+    KDK_CHECK(kOp, t.device() == logits.device(), name, " must be on the device of logits (", logits.device(),
+              "): got ", t.device());
+    KDK_CHECK(kOp, t.sizes() == at::IntArrayRef(shape), name, " must have shape ", shape_str(shape), ": got ",
+              shape_str(t.sizes()));
+    KDK_CHECK(kOp, !exact_dtype || t.scalar_type() == acc, name, " must be ", dtype_str(acc), ": got ",
+              dtype_str(t.scalar_type()));
+    KDK_CHECK(kOp, exact_dtype || is_kernel_float(t.scalar_type()), name, " must be a floating tensor: got ",
+              dtype_str(t.scalar_type()));
+  };
+  check(grad_loss, "grad_loss", {a.N}, false);
+  check(lse, "lse", {a.N}, true);
+  check(coef, "coef", {a.N, a.K}, true);
+  check(stat, "stat", {a.N, 2}, true);
+}
+
 }  // namespace kdk

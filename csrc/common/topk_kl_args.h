@@ -19,6 +19,12 @@ TopkArgs topk_kl_parse(const at::Tensor& logits, const at::Tensor& values,
                        const std::string& mode, const std::string& divergence, double param,
                        double temperature, bool values_are_logprobs, bool drop_out_of_range);
 
+// The backward's saved inputs: grad_loss (N,), lse (N,), coef (N, K), stat (N, 2), in the accumulation
+// dtype (float64 for float64 logits, else float32), on the logits' device. A raw call with anything else
+// would read out of bounds.
+void topk_kl_check_saved(const TopkArgs& a, const at::Tensor& logits, const at::Tensor& grad_loss,
+                         const at::Tensor& lse, const at::Tensor& coef, const at::Tensor& stat);
+
 // Data checks of the ids (range unless dropped, duplicates within a row); one host sync on CUDA.
 void topk_kl_validate_ids(const at::Tensor& indices, int64_t V, bool drop);
 

@@ -160,6 +160,7 @@ at::Tensor topk_kl_bwd_cpu(KDK_TOPK_KL_BWD_ARGS) {
   // The options were checked by the forward; parse again for the raw op's direct users.
   const TopkArgs a = topk_kl_parse(logits, values, indices, c10::nullopt, std::string(mode), std::string(divergence),
                                    param, temperature, values_are_logprobs, true);
+  topk_kl_check_saved(a, logits, grad_loss, lse, coef, stat);
   const at::Tensor z = unit_stride_rows(logits);
   at::Tensor out = at::empty({a.N, a.V}, z.options());
   if (a.N == 0) return out;

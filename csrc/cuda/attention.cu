@@ -7,12 +7,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common/attention_args.h"
 #include "common/checks.h"
+#include "common/launch.h"
 #include "kernels/attention.cuh"
 #include "ops.h"
 
@@ -22,20 +21,13 @@ namespace {
 constexpr size_t kDefaultSmem = 48 * 1024;
 constexpr int64_t kMaxGridY = 65535;
 
-int smem_optin_limit() {
-  int dev = 0, v = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  return v;
-}
-
 // Opts the kernel in to `smem` bytes of dynamic shared memory (above the default 48 KB), or refuses.
 template <class Kernel> void allow_smem(Kernel kernel, size_t smem, const char* op) {
   if (smem <= kDefaultSmem) return;
-  const int limit = smem_optin_limit();
-  KDK_CHECK(op, smem <= static_cast<size_t>(limit), "this head_dim needs ", smem,
+  const size_t limit = max_dynamic_smem_optin();
+  KDK_CHECK(op, smem <= limit, "this head_dim needs ", smem,
             " bytes of shared memory per block; the device allows ", limit);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  allow_dynamic_smem(kernel, smem);
 }
 
 template <class scalar_t, class acc_t>
@@ -64,7 +56,7 @@ at::Tensor opt_mask(const c10::optional<at::Tensor>& mask) { return mask.has_val
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const AttnNames& n, const AttnArgs& a, const at::Tensor& q0,
                                                 const at::Tensor& k0, const at::Tensor& v0, const at::Tensor& lse_in,
                                                 const c10::optional<at::Tensor>& mask) {
-  const c10::cuda::CUDAGuard guard(q0.device());
+  const DeviceGuard guard(q0.device());
   const at::Tensor q = attn_unit_last(q0), k = attn_unit_last(k0), v = attn_unit_last(v0), m = opt_mask(mask);
   at::Tensor out = at::empty({a.B, a.H, a.Tq, a.Dv}, q.options());
   at::Tensor lse = lse_in.defined() ? lse_in.contiguous() : at::empty({a.B, a.H, a.Tq}, q.options().dtype(a.acc));
@@ -80,17 +72,16 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const AttnNames& n, const AttnAr
     const size_t smem = attention_smem_fwd<acc_t>(p.D, p.Dv);
     const dim3 grid(static_cast<unsigned>((a.Tq + AttnFwdTile<acc_t>::BM - 1) / AttnFwdTile<acc_t>::BM),
                     static_cast<unsigned>(a.B * a.H));
-    auto launch = [&](auto kernel) {
+    auto run = [&](auto kernel) {
       allow_smem(kernel, smem, n.op);
-      kernel<<<grid, kAttnThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(kernel, grid, kAttnThreads, smem, p);
     };
     if (shared) {
-      if (a.Dv <= 64) launch(attention_fwd_kernel<scalar_t, acc_t, 64, true>);
-      else launch(attention_fwd_kernel<scalar_t, acc_t, 128, true>);
+      if (a.Dv <= 64) run(attention_fwd_kernel<scalar_t, acc_t, 64, true>);
+      else run(attention_fwd_kernel<scalar_t, acc_t, 128, true>);
     } else {
-      if (a.Dv <= 64) launch(attention_fwd_kernel<scalar_t, acc_t, 64, false>);
-      else launch(attention_fwd_kernel<scalar_t, acc_t, 128, false>);
+      if (a.Dv <= 64) run(attention_fwd_kernel<scalar_t, acc_t, 64, false>);
+      else run(attention_fwd_kernel<scalar_t, acc_t, 128, false>);
     }
   });
   return {out, lse};
@@ -101,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const AttnNames& n,
                                                              const at::Tensor& k0, const at::Tensor& v0,
                                                              const at::Tensor& out, const at::Tensor& lse,
                                                              const c10::optional<at::Tensor>& mask, bool grad_qk) {
-  const c10::cuda::CUDAGuard guard(q0.device());
+  const DeviceGuard guard(q0.device());
   const at::Tensor q = attn_unit_last(q0), k = attn_unit_last(k0), v = attn_unit_last(v0), m = opt_mask(mask);
   const auto acc_opts = q.options().dtype(a.acc);
   at::Tensor dq_acc = grad_qk ? at::zeros({a.B, a.H, a.Tq, a.D}, acc_opts) : at::Tensor();
@@ -125,13 +116,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const AttnNames& n,
       const size_t smem = attention_smem_bwd<acc_t>(p.D, p.Dv);
       const dim3 grid(static_cast<unsigned>((a.Tk + AttnBwdTile<acc_t>::BN - 1) / AttnBwdTile<acc_t>::BN),
                       static_cast<unsigned>(a.B * a.Hk));
-      auto launch = [&](auto kernel) {
+      auto run = [&](auto kernel) {
         allow_smem(kernel, smem, n.op);
-        kernel<<<grid, kAttnThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(kernel, grid, kAttnThreads, smem, p);
       };
-      if (std::max(a.D, a.Dv) <= 64) launch(attention_bwd_kernel<scalar_t, acc_t, 64>);
-      else launch(attention_bwd_kernel<scalar_t, acc_t, 128>);
+      if (std::max(a.D, a.Dv) <= 64) run(attention_bwd_kernel<scalar_t, acc_t, 64>);
+      else run(attention_bwd_kernel<scalar_t, acc_t, 128>);
     });
   }
   at::Tensor dq = grad_qk ? dq_acc.to(q.scalar_type()) : at::empty({0}, q.options());
@@ -174,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_attention_bwd_cuda(KDK_SHA
 at::Tensor shared_attention_probs_fwd_cuda(KDK_SHARED_ATTENTION_PROBS_FWD_ARGS) {
   const at::NoGradGuard no_grad;  // internal ATen calls never record a graph (raw-op callers)
   const AttnArgs a = attention_parse(kSharedNames, q, k, nullptr, &lse, mask, causal, scale);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   at::Tensor probs = at::empty({a.B, a.H, a.Tq, a.Tk}, q.options());
   if (probs.numel() == 0) return probs;
   // S = q k^T in float32 (float64): products of fp16/bf16 inputs are exact there, as in a flash kernel.
@@ -194,9 +184,7 @@ at::Tensor shared_attention_probs_fwd_cuda(KDK_SHARED_ATTENTION_PROBS_FWD_ARGS) 
     }
     p.H = a.H; p.Tq = a.Tq; p.Tk = a.Tk; p.rows = a.B * a.H * a.Tq; p.off = a.off; p.causal = a.causal;
     p.scale = static_cast<acc_t>(a.scale);
-    attention_probs_fwd_kernel<scalar_t, acc_t>
-        <<<row_blocks(p.rows), kAttnThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(attention_probs_fwd_kernel<scalar_t, acc_t>, row_blocks(p.rows), kAttnThreads, 0, p);
   });
   return probs;
 }
@@ -205,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> shared_attention_probs_bwd_cuda(KDK_SHARED_AT
   const at::NoGradGuard no_grad;  // internal ATen calls never record a graph (raw-op callers)
   const AttnArgs a = attention_parse(kSharedNames, q, k, nullptr, nullptr, c10::nullopt, false, scale);
   attention_check_probs(a, grad_probs, probs, q);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const auto acc_opts = q.options().dtype(a.acc);
   if (a.B * a.H * a.Tq == 0 || a.Tk == 0)
     return {at::zeros({a.B, a.H, a.Tq, a.D}, q.options()), at::zeros({a.B, a.Hk, a.Tk, a.D}, q.options())};
@@ -218,9 +206,7 @@ std::tuple<at::Tensor, at::Tensor> shared_attention_probs_bwd_cuda(KDK_SHARED_AT
     p.pr = pr.data_ptr<scalar_t>();
     p.ds = dS.data_ptr<acc_t>();
     p.H = a.H; p.Tq = a.Tq; p.Tk = a.Tk; p.rows = a.B * a.H * a.Tq;
-    attention_probs_bwd_kernel<scalar_t, acc_t>
-        <<<row_blocks(p.rows), kAttnThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(attention_probs_bwd_kernel<scalar_t, acc_t>, row_blocks(p.rows), kAttnThreads, 0, p);
   });
   // dQ = scale dS K, dK = scale sum over the group's query heads of dS^T Q (GEMMs, float32 / float64).
   const at::Tensor dS5 = dS.view({a.B, a.Hk, a.group, a.Tq, a.Tk});
@@ -233,13 +219,13 @@ std::tuple<at::Tensor, at::Tensor> shared_attention_probs_bwd_cuda(KDK_SHARED_AT
 at::Tensor attention_similarity_cuda(KDK_ATTENTION_SIMILARITY_ARGS) {
   const at::NoGradGuard no_grad;  // internal ATen calls never record a graph (raw-op callers)
   const SimArgs a = attention_similarity_parse(qs, ks, mask, causal, scale, std::string(metric));
-  const c10::cuda::CUDAGuard guard(qs.device());
+  const DeviceGuard guard(qs.device());
   const int64_t L = a.L, npairs = L * (L + 1) / 2;
   const int64_t ngroups = a.B * a.H * ((a.Tq + kSimRows - 1) / kSimRows);
   std::vector<double> total(static_cast<size_t>(npairs + 1), 0.0);
   if (ngroups > 0 && a.Tk > 0) {
     const at::Tensor q = qs.contiguous(), k = ks.contiguous(), m = opt_mask(mask);
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int sms = num_sms();
     const int64_t grid = std::min<int64_t>(ngroups, int64_t(sms) * 8);
     const auto acc_opts = q.options().dtype(a.acc);
     at::Tensor work = at::empty({grid, kSimRows * npairs}, acc_opts);
@@ -247,7 +233,7 @@ at::Tensor attention_similarity_cuda(KDK_ATTENTION_SIMILARITY_ARGS) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_similarity_cuda", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       // The widest key tile whose shared memory fits the default 48 KB, else the device's opt-in limit.
-      const size_t limit = static_cast<size_t>(smem_optin_limit());
+      const size_t limit = max_dynamic_smem_optin();
       int BN = 0;
       for (int bn : {64, 32, 16, 8})
         if (attention_smem_sim<acc_t>(L, static_cast<int>(a.D), bn) <= kDefaultSmem) { BN = bn; break; }
@@ -273,8 +259,7 @@ at::Tensor attention_similarity_cuda(KDK_ATTENTION_SIMILARITY_ARGS) {
       const size_t smem = attention_smem_sim<acc_t>(L, p.D, BN);
       auto kernel = attention_similarity_kernel<scalar_t, acc_t>;
       allow_smem(kernel, smem, "attention_similarity");
-      kernel<<<static_cast<unsigned>(grid), kAttnThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(kernel, static_cast<unsigned>(grid), kAttnThreads, smem, p);
     });
     const at::Tensor tot = partial.sum(at::IntArrayRef{0}, /*keepdim=*/false, at::kDouble).cpu();  // one host sync: an analysis op
     const double* t = tot.data_ptr<double>();
@@ -287,14 +272,14 @@ at::Tensor attention_similarity_cuda(KDK_ATTENTION_SIMILARITY_ARGS) {
   return sim.to(qs.device(), a.acc);
 }
 
-TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
-  m.impl("attention_fwd", &attention_fwd_cuda);
-  m.impl("attention_bwd", &attention_bwd_cuda);
-  m.impl("shared_attention_fwd", &shared_attention_fwd_cuda);
-  m.impl("shared_attention_bwd", &shared_attention_bwd_cuda);
-  m.impl("shared_attention_probs_fwd", &shared_attention_probs_fwd_cuda);
-  m.impl("shared_attention_probs_bwd", &shared_attention_probs_bwd_cuda);
-  m.impl("attention_similarity", &attention_similarity_cuda);
+TORCH_LIBRARY_IMPL(KDK_LIB, KDK_DEVICE_KEY, m) {
+  m.impl("attention_fwd", KDK_IMPL(attention_fwd_cuda));
+  m.impl("attention_bwd", KDK_IMPL(attention_bwd_cuda));
+  m.impl("shared_attention_fwd", KDK_IMPL(shared_attention_fwd_cuda));
+  m.impl("shared_attention_bwd", KDK_IMPL(shared_attention_bwd_cuda));
+  m.impl("shared_attention_probs_fwd", KDK_IMPL(shared_attention_probs_fwd_cuda));
+  m.impl("shared_attention_probs_bwd", KDK_IMPL(shared_attention_probs_bwd_cuda));
+  m.impl("attention_similarity", KDK_IMPL(attention_similarity_cuda));
 }
 
 }  // namespace kdk

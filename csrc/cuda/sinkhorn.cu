@@ -5,11 +5,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/launch.h"
 #include "common/sinkhorn_args.h"
 #include "kernels/sinkhorn.cuh"
 #include "ops.h"
@@ -25,19 +24,9 @@ constexpr int kThreadsGlobal = kSinkhornMaxThreads;  // CTA kernels on global me
 
 int odd_stride(int m) { return m | 1; }
 
-size_t max_smem_optin() {
-  int dev = 0, v = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  return static_cast<size_t>(v);
-}
-
-int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
 // Opt in to more than the default 48 KB of dynamic shared memory when a kernel needs it.
 template <class K> void allow_smem(K kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  if (bytes > 48 * 1024) allow_dynamic_smem(kernel, bytes);
 }
 
 enum class Path { kWarp, kSmem, kGlobal };
@@ -45,7 +34,7 @@ enum class Path { kWarp, kSmem, kGlobal };
 // Which kernel solves problems of this size; bytes is its dynamic shared memory per block.
 template <class acc_t> Path choose(bool bwd, int n, int m, size_t& bytes, int& threads) {
   const int ld = odd_stride(m);
-  const size_t limit = max_smem_optin();
+  const size_t limit = max_dynamic_smem_optin();
   if (n <= 32 && m <= 32) {
     bytes = size_t(SinkhornSmem(bwd, true, n, m, ld).total) * sizeof(acc_t) * kWarpsPerBlockTiny;
     threads = 32 * kWarpsPerBlockTiny;
@@ -70,23 +59,21 @@ void launch_fwd(const SinkhornParams<scalar_t, acc_t>& p, size_t bytes, int thre
   auto kernel = sinkhorn_fwd_kernel<scalar_t, acc_t, kWarp, kSmem>;
   allow_smem(kernel, bytes);
   const int per_block = kWarp ? threads / 32 : 1;
-  kernel<<<grid_for(p.B, per_block, int64_t(1) << 30), threads, bytes, at::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(kernel, grid_for(p.B, per_block, int64_t(1) << 30), threads, bytes, p);
 }
 
 template <class scalar_t, class acc_t, bool kWarp, bool kSmem>
 void launch_bwd(const SinkhornParams<scalar_t, acc_t>& p, size_t bytes, int threads, int64_t grid) {
   auto kernel = sinkhorn_bwd_kernel<scalar_t, acc_t, kWarp, kSmem>;
   allow_smem(kernel, bytes);
-  kernel<<<grid, threads, bytes, at::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(kernel, grid, threads, bytes, p);
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_fwd_cuda(KDK_SINKHORN_FWD_ARGS) {
   const SinkhornArgs a = sinkhorn_parse(cost, log_a, log_b, eps, n_iters, tol);
-  const c10::cuda::CUDAGuard guard(cost.device());
+  const DeviceGuard guard(cost.device());
   KDK_CHECK("sinkhorn", a.n * a.m < (int64_t(1) << 31), "n * m must be < 2^31: got ", a.n, " x ", a.m);
   if (validate) sinkhorn_validate(cost, log_a, log_b);
   const at::Tensor c = cost.contiguous();
@@ -123,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cuda(KDK_SINKHORN_BWD_ARGS) {
   const SinkhornArgs a = sinkhorn_parse_bwd(grad_value, grad_plan, cost, log_a, log_b, f, g, iters, eps,
                                             std::string(grad));
-  const c10::cuda::CUDAGuard guard(cost.device());
+  const DeviceGuard guard(cost.device());
   const at::Tensor c = cost.contiguous();
   const auto acc = c.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = c.options().dtype(acc);
@@ -183,8 +170,7 @@ namespace {
 template <class in_t, class acc_t> void launch_softmax(const in_t* x, int64_t R, int C, acc_t inv_t, acc_t* out) {
   const int threads = 256;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((R + 7) / 8, int64_t(1) << 20));
-  sinkhorn_softmax_kernel<in_t, acc_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(x, R, C, inv_t, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(sinkhorn_softmax_kernel<in_t, acc_t>, blocks, threads, 0, x, R, C, inv_t, out);
 }
 
 // Student and teacher probabilities (acc) of both inputs, in ps / pt.
@@ -203,7 +189,7 @@ at::Tensor teacher_like(const at::Tensor& t, c10::ScalarType student, c10::Scala
 
 at::Tensor sinkhorn_cost_fwd_cuda(KDK_SINKHORN_COST_FWD_ARGS) {
   const SinkhornCostArgs a = sinkhorn_cost_parse(student_logits, teacher_logits, temperature, std::string(cost));
-  const c10::cuda::CUDAGuard guard(student_logits.device());
+  const DeviceGuard guard(student_logits.device());
   if (validate) sinkhorn_cost_validate(student_logits, teacher_logits);
   const at::Tensor s = student_logits.contiguous();
   const auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -215,18 +201,15 @@ at::Tensor sinkhorn_cost_fwd_cuda(KDK_SINKHORN_COST_FWD_ARGS) {
     using T = acc_of_t<scalar_t>;
     both_softmax<scalar_t, T>(a, s, t, T(1.0 / a.temperature), ps.data_ptr<T>(), pt.data_ptr<T>());
     const int64_t tiles = a.B * ((a.n + kCostTile - 1) / kCostTile) * ((a.m + kCostTile - 1) / kCostTile);
-    sinkhorn_pair_cost_kernel<T><<<std::min<int64_t>(tiles, int64_t(1) << 30), kCostTile * kCostTile, 0,
-                                   at::cuda::getCurrentCUDAStream()>>>(ps.data_ptr<T>(), pt.data_ptr<T>(), a.B,
-                                                                       int(a.n), int(a.m), int(a.C), a.kind,
-                                                                       out.data_ptr<T>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(sinkhorn_pair_cost_kernel<T>, std::min<int64_t>(tiles, int64_t(1) << 30), kCostTile * kCostTile, 0,
+           ps.data_ptr<T>(), pt.data_ptr<T>(), a.B, int(a.n), int(a.m), int(a.C), a.kind, out.data_ptr<T>());
   });
   return out;
 }
 
 at::Tensor sinkhorn_cost_bwd_cuda(KDK_SINKHORN_COST_BWD_ARGS) {
   const SinkhornCostArgs a = sinkhorn_cost_parse(student_logits, teacher_logits, temperature, std::string(cost));
-  const c10::cuda::CUDAGuard guard(student_logits.device());
+  const DeviceGuard guard(student_logits.device());
   KDK_CHECK("sinkhorn_kd_loss", grad_cost.sizes() == at::IntArrayRef({a.B, a.n, a.m}),
             "grad_cost must have shape ", shape_str({a.B, a.n, a.m}), ": got ", shape_str(grad_cost.sizes()));
   const at::Tensor s = student_logits.contiguous();
@@ -242,24 +225,22 @@ at::Tensor sinkhorn_cost_bwd_cuda(KDK_SINKHORN_COST_BWD_ARGS) {
     const T inv_t = T(1.0 / a.temperature);
     both_softmax<scalar_t, T>(a, s, t, inv_t, ps.data_ptr<T>(), pt.data_ptr<T>());
     const int64_t tiles = a.B * ((a.n + kCostTile - 1) / kCostTile) * ((a.C + kCostChunk - 1) / kCostChunk);
-    sinkhorn_pair_cost_bwd_kernel<T><<<std::min<int64_t>(tiles, int64_t(1) << 30), dim3(kCostChunk, kCostTile), 0,
-                                       at::cuda::getCurrentCUDAStream()>>>(
-        ps.data_ptr<T>(), pt.data_ptr<T>(), w.data_ptr<T>(), a.B, int(a.n), int(a.m), int(a.C), a.kind, dp.data_ptr<T>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(sinkhorn_pair_cost_bwd_kernel<T>, std::min<int64_t>(tiles, int64_t(1) << 30), dim3(kCostChunk, kCostTile), 0,
+           ps.data_ptr<T>(), pt.data_ptr<T>(), w.data_ptr<T>(), a.B, int(a.n), int(a.m), int(a.C), a.kind,
+           dp.data_ptr<T>());
     const int64_t R = a.B * a.n;
     const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((R + 7) / 8, int64_t(1) << 20));
-    sinkhorn_softmax_bwd_kernel<scalar_t, T><<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-        ps.data_ptr<T>(), dp.data_ptr<T>(), R, int(a.C), inv_t, out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(sinkhorn_softmax_bwd_kernel<scalar_t, T>, blocks, 256, 0, ps.data_ptr<T>(), dp.data_ptr<T>(), R, int(a.C),
+           inv_t, out.data_ptr<scalar_t>());
   });
   return out;
 }
 
-TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
-  m.impl("sinkhorn_fwd", &sinkhorn_fwd_cuda);
-  m.impl("sinkhorn_bwd", &sinkhorn_bwd_cuda);
-  m.impl("sinkhorn_cost_fwd", &sinkhorn_cost_fwd_cuda);
-  m.impl("sinkhorn_cost_bwd", &sinkhorn_cost_bwd_cuda);
+TORCH_LIBRARY_IMPL(KDK_LIB, KDK_DEVICE_KEY, m) {
+  m.impl("sinkhorn_fwd", KDK_IMPL(sinkhorn_fwd_cuda));
+  m.impl("sinkhorn_bwd", KDK_IMPL(sinkhorn_bwd_cuda));
+  m.impl("sinkhorn_cost_fwd", KDK_IMPL(sinkhorn_cost_fwd_cuda));
+  m.impl("sinkhorn_cost_bwd", KDK_IMPL(sinkhorn_cost_bwd_cuda));
 }
 
 }  // namespace kdk

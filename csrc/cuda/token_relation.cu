@@ -4,11 +4,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/launch.h"
 #include "common/token_relation_args.h"
 #include "kernels/token_relation.cuh"
 #include "ops.h"
@@ -37,9 +36,8 @@ void run(Kernel kernel, const Params& p, int64_t problems, const char* op) {
             " blocks");
   if (grid == 0) return;
   constexpr size_t smem = trk::Smem<scalar_t, acc_t>::total;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  kernel<<<static_cast<unsigned>(grid), trk::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  allow_dynamic_smem(kernel, smem);
+  launch(kernel, static_cast<unsigned>(grid), trk::kThreads, smem, p);
 }
 
 at::ScalarType acc_type(const at::Tensor& student) {
@@ -51,7 +49,7 @@ at::ScalarType acc_type(const at::Tensor& student) {
 std::tuple<at::Tensor, at::Tensor> token_relation_fwd_cuda(KDK_TOKEN_RELATION_FWD_ARGS) {
   const RelationArgs a = token_relation_parse(student, teacher, mask, std::string(loss), std::string(similarity),
                                               num_heads, temperature, tau);
-  const c10::cuda::CUDAGuard guard(student.device());
+  const DeviceGuard guard(student.device());
   const auto acc = acc_type(student);
   const auto opts = student.options().dtype(acc);
   at::Tensor stat = at::zeros({a.P, a.H, a.n, kRelStats}, opts);
@@ -89,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> token_relation_bwd_cuda(KDK_TOKEN_RELATION_BW
   const RelationArgs a = token_relation_parse(student, teacher, mask, std::string(loss), std::string(similarity),
                                               num_heads, temperature, tau);
   token_relation_check_saved(a, grad_loss, stat, student);
-  const c10::cuda::CUDAGuard guard(student.device());
+  const DeviceGuard guard(student.device());
   const auto acc = acc_type(student);
   const auto opts = student.options().dtype(acc);
   if (a.P == 0)
@@ -137,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> token_relation_bwd_cuda(KDK_TOKEN_RELATION_BW
 
 std::tuple<at::Tensor, at::Tensor> token_contrastive_fwd_cuda(KDK_TOKEN_CONTRASTIVE_FWD_ARGS) {
   const ContrastiveArgs a = token_contrastive_parse(student, teacher, mask, std::string(similarity), tau);
-  const c10::cuda::CUDAGuard guard(student.device());
+  const DeviceGuard guard(student.device());
   const auto acc = acc_type(student);
   const auto opts = student.options().dtype(acc);
   at::Tensor loss = at::zeros({a.P, a.n}, opts), lse = at::zeros({a.P, a.n}, opts);
@@ -166,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_fwd_cuda(KDK_TOKEN_CONTRAST
 std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd_cuda(KDK_TOKEN_CONTRASTIVE_BWD_ARGS) {
   const ContrastiveArgs a = token_contrastive_parse(student, teacher, mask, std::string(similarity), tau);
   token_contrastive_check_saved(a, grad_loss, lse, student);
-  const c10::cuda::CUDAGuard guard(student.device());
+  const DeviceGuard guard(student.device());
   const auto acc = acc_type(student);
   const auto opts = student.options().dtype(acc);
   if (a.P == 0)
@@ -203,11 +201,11 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd_cuda(KDK_TOKEN_CONTRAST
           teacher_grad ? token_heads_backward(gt, teacher, o, 1, a.cosine) : at::empty({0}, teacher.options())};
 }
 
-TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
-  m.impl("token_relation_fwd", &token_relation_fwd_cuda);
-  m.impl("token_relation_bwd", &token_relation_bwd_cuda);
-  m.impl("token_contrastive_fwd", &token_contrastive_fwd_cuda);
-  m.impl("token_contrastive_bwd", &token_contrastive_bwd_cuda);
+TORCH_LIBRARY_IMPL(KDK_LIB, KDK_DEVICE_KEY, m) {
+  m.impl("token_relation_fwd", KDK_IMPL(token_relation_fwd_cuda));
+  m.impl("token_relation_bwd", KDK_IMPL(token_relation_bwd_cuda));
+  m.impl("token_contrastive_fwd", KDK_IMPL(token_contrastive_fwd_cuda));
+  m.impl("token_contrastive_bwd", KDK_IMPL(token_contrastive_bwd_cuda));
 }
 
 }  // namespace kdk

@@ -3,10 +3,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/launch.h"
 #include "common/topk_kl_args.h"
 #include "kernels/topk_kl.cuh"
 #include "ops.h"
@@ -30,7 +29,7 @@ template <class F> void with_ids(const at::Tensor& idx, F f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_cuda(KDK_TOPK_KL_FWD_ARGS) {
   const TopkArgs a = topk_kl_parse(logits, values, indices, row_mask, std::string(mode), std::string(divergence),
                                    param, temperature, values_are_logprobs, drop_out_of_range);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const DeviceGuard guard(logits.device());
   if (validate && a.mode != kDense) topk_kl_validate_ids(*indices, a.V, a.drop);
   const at::Tensor z = unit_stride_rows(logits);
   const auto acc_type = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -68,9 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_cuda(KDK_
       p.N = a.N; p.V = a.V; p.ld = z.stride(0); p.ld_t = a.mode == kDense ? tv.stride(0) : 0;
       p.K = static_cast<int>(a.K); p.mode = a.mode; p.div = a.div; p.logprobs = a.logprobs;
       p.param = static_cast<acc_t>(a.param); p.inv_t = static_cast<acc_t>(1.0 / a.temperature);
-      topk_kl_fwd_kernel<scalar_t, acc_t, index_t>
-          <<<blocks_for(a.N), threads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(topk_kl_fwd_kernel<scalar_t, acc_t, index_t>, blocks_for(a.N), threads, smem, p);
     });
   });
   return {loss, lse, coef, stat};
@@ -79,7 +76,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_cuda(KDK_
 at::Tensor topk_kl_bwd_cuda(KDK_TOPK_KL_BWD_ARGS) {
   const TopkArgs a = topk_kl_parse(logits, values, indices, c10::nullopt, std::string(mode), std::string(divergence),
                                    param, temperature, values_are_logprobs, true);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  topk_kl_check_saved(a, logits, grad_loss, lse, coef, stat);
+  const DeviceGuard guard(logits.device());
   const at::Tensor z = unit_stride_rows(logits);
   at::Tensor out = at::empty({a.N, a.V}, z.options());
   if (a.N == 0) return out;
@@ -104,17 +102,15 @@ at::Tensor topk_kl_bwd_cuda(KDK_TOPK_KL_BWD_ARGS) {
       p.N = a.N; p.V = a.V; p.ld = z.stride(0); p.ld_t = tv.defined() ? tv.stride(0) : 0;
       p.K = static_cast<int>(a.K); p.mode = a.mode; p.div = a.div; p.logprobs = a.logprobs;
       p.param = static_cast<acc_t>(a.param); p.inv_t = static_cast<acc_t>(1.0 / a.temperature);
-      topk_kl_bwd_kernel<scalar_t, acc_t, index_t>
-          <<<blocks_for(a.N), threads_for(a.V), 0, at::cuda::getCurrentCUDAStream()>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(topk_kl_bwd_kernel<scalar_t, acc_t, index_t>, blocks_for(a.N), threads_for(a.V), 0, p);
     });
   });
   return out;
 }
 
-TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
-  m.impl("topk_kl_fwd", &topk_kl_fwd_cuda);
-  m.impl("topk_kl_bwd", &topk_kl_bwd_cuda);
+TORCH_LIBRARY_IMPL(KDK_LIB, KDK_DEVICE_KEY, m) {
+  m.impl("topk_kl_fwd", KDK_IMPL(topk_kl_fwd_cuda));
+  m.impl("topk_kl_bwd", KDK_IMPL(topk_kl_bwd_cuda));
 }
 
 }  // namespace kdk

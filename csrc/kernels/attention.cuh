@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(AttnParams<
   constexpr int BM = AttnFwdTile<acc_t>::BM, BN = AttnFwdTile<acc_t>::BN;
   constexpr int MI = BM / 16, NJ = BN / 16, VJ = DVMAX / 16;
   constexpr int TPR = kAttnThreads / BM, CPT = BN / TPR;  // threads per row, columns per thread (row update)
-  extern __shared__ __align__(16) unsigned char kdk_attn_smem[];
+  KDK_DYNAMIC_SMEM(kdk_attn_smem, 16);
   const int D = p.D, Dv = p.Dv, ldq = D + 1, ldk = D + 1, ldv = Dv + 1, lds = BN + 1;
   acc_t* Qs = reinterpret_cast<acc_t*>(kdk_attn_smem);
   acc_t* Ks = Qs + BM * ldq;
@@ -252,7 +252,7 @@ template <class scalar_t, class acc_t, int DMAX>
 __global__ void __launch_bounds__(kAttnThreads) attention_bwd_kernel(AttnParams<scalar_t, acc_t> p) {
   constexpr int BM = AttnBwdTile<acc_t>::BM, BN = AttnBwdTile<acc_t>::BN;
   constexpr int MI = BM / 16, NJ = BN / 16, KI = BN / 16, DJ = DMAX / 16;
-  extern __shared__ __align__(16) unsigned char kdk_attn_smem[];
+  KDK_DYNAMIC_SMEM(kdk_attn_smem, 16);
   const int D = p.D, Dv = p.Dv, ldk = D + 1, ldv = Dv + 1, ldq = D + 1, lds = BN + 1;
   acc_t* Ks = reinterpret_cast<acc_t*>(kdk_attn_smem);
   acc_t* Vs = Ks + BN * ldk;
@@ -507,7 +507,7 @@ __device__ __forceinline__ void sim_pair(int64_t p, int64_t& a, int64_t& b) {
 
 template <class scalar_t, class acc_t>
 __global__ void __launch_bounds__(kAttnThreads) attention_similarity_kernel(SimParams<scalar_t, acc_t> p) {
-  extern __shared__ __align__(16) unsigned char kdk_attn_smem[];
+  KDK_DYNAMIC_SMEM(kdk_attn_smem, 16);
   constexpr int R = kSimRows;
   const int D = p.D, BN = p.BN, tid = threadIdx.x;
   const int64_t L = p.L, np = p.npairs;

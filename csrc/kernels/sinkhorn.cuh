@@ -124,7 +124,7 @@ constexpr int kSinkhornMaxThreads = 512;
 
 template <class scalar_t, class acc_t, bool kWarp, bool kSmem>
 __global__ void __launch_bounds__(kSinkhornMaxThreads) sinkhorn_fwd_kernel(SinkhornParams<scalar_t, acc_t> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  KDK_DYNAMIC_SMEM(smem_raw, 16);
   constexpr int RW = kWarp ? 1 : 32;             // row team width
   constexpr int CW = (kWarp || !kSmem) ? 1 : 32;  // column team width (global: a thread per column, coalesced)
   const SkGroup<kWarp> grp;
@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kSinkhornMaxThreads) sinkhorn_fwd_kernel(Sinkh
 
 template <class scalar_t, class acc_t, bool kWarp, bool kSmem>
 __global__ void __launch_bounds__(kSinkhornMaxThreads) sinkhorn_bwd_kernel(SinkhornParams<scalar_t, acc_t> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  KDK_DYNAMIC_SMEM(smem_raw, 16);
   constexpr int RW = kWarp ? 1 : 32;
   constexpr int CW = (kWarp || !kSmem) ? 1 : 32;
   const SkGroup<kWarp> grp;
@@ -364,7 +364,8 @@ __global__ void __launch_bounds__(256) sinkhorn_softmax_kernel(const in_t* x, in
     acc_t mx = neg_inf<acc_t>(), s = 0;
     for (int c = lane; c < C; c += 32) {
       const acc_t v = static_cast<acc_t>(xr[c]) * inv_t;
-      if (v > mx) { s = s * kexp(mx - v) + acc_t(1); mx = v; } else s += kexp(v - mx);
+      // -inf adds nothing, and exp(-inf - -inf) would make the row NaN when a lane starts with it.
+      if (v > mx) { s = s * kexp(mx - v) + acc_t(1); mx = v; } else if (!is_neg_inf(v)) s += kexp(v - mx);
     }
     const acc_t M = warp_max(mx);
     s = warp_sum(is_neg_inf(mx) ? acc_t(0) : s * kexp(mx - M));
@@ -380,7 +381,8 @@ constexpr int kCostTile = 16, kCostChunk = 32;
 template <class acc_t>
 __global__ void __launch_bounds__(kCostTile * kCostTile) sinkhorn_pair_cost_kernel(const acc_t* ps, const acc_t* pt, int64_t B, int n, int m, int C, int kind,
                                           acc_t* cost) {
-  __shared__ acc_t sp[kCostTile][kCostChunk + 1], sq[kCostTile][kCostChunk + 1];
+  KDK_STATIC_SMEM(acc_t, sp, [kCostTile][kCostChunk + 1]);
+  KDK_STATIC_SMEM(acc_t, sq, [kCostTile][kCostChunk + 1]);
   const int tn = (n + kCostTile - 1) / kCostTile, tm = (m + kCostTile - 1) / kCostTile;
   const int tx = threadIdx.x % kCostTile, ty = threadIdx.x / kCostTile;
   for (int64_t blk = blockIdx.x; blk < B * tn * tm; blk += gridDim.x) {
@@ -408,7 +410,8 @@ __global__ void __launch_bounds__(kCostTile * kCostTile) sinkhorn_pair_cost_kern
 template <class acc_t>
 __global__ void __launch_bounds__(kCostTile * kCostChunk) sinkhorn_pair_cost_bwd_kernel(const acc_t* ps, const acc_t* pt, const acc_t* w, int64_t B, int n,
                                               int m, int C, int kind, acc_t* dp) {
-  __shared__ acc_t sw[kCostTile][kCostTile + 1], sq[kCostTile][kCostChunk + 1];
+  KDK_STATIC_SMEM(acc_t, sw, [kCostTile][kCostTile + 1]);
+  KDK_STATIC_SMEM(acc_t, sq, [kCostTile][kCostChunk + 1]);
   const int tn = (n + kCostTile - 1) / kCostTile, tc = (C + kCostChunk - 1) / kCostChunk;
   const int cx = threadIdx.x, ry = threadIdx.y, tid = ry * blockDim.x + cx, nth = blockDim.x * blockDim.y;
   for (int64_t blk = blockIdx.x; blk < B * tn * tc; blk += gridDim.x) {

@@ -63,14 +63,6 @@ template <class scalar_t, class acc_t> struct Smem {
   static constexpr size_t total = 2 * tile + 2 * stats + stage;
 };
 
-// The block's dynamic shared memory. tests/cuda_emu runs these kernels in a host emulation of the CUDA
-// execution model (KDK_TRK_EMULATION, kdk_emu_smem() returns the emulated block's buffer).
-#ifdef KDK_TRK_EMULATION
-#define KDK_TRK_SMEM(name) unsigned char* name = kdk_emu_smem()
-#else
-#define KDK_TRK_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
-
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
@@ -124,7 +116,7 @@ __device__ void sim_tile_fma(const scalar_t* X, const scalar_t* Y, int d, int64_
   __syncthreads();
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if KDK_TENSOR_CORES
 // Copies rows [r0, r0 + BM) x features [k0, k0 + kKC) of X into dst[BM][kKC + 8] (16-bit), zeros outside.
 template <class scalar_t>
 __device__ __forceinline__ void stage_rows16(const scalar_t* X, int d, int64_t r0, int64_t L, int k0, bool vec,
@@ -191,7 +183,7 @@ __device__ void sim_tile_wmma(const scalar_t* X, const scalar_t* Y, int d, int64
 template <class scalar_t, class acc_t>
 __device__ __forceinline__ void sim_tile(const scalar_t* X, const scalar_t* Y, int d, int64_t a0, int64_t b0, int64_t L,
                                          acc_t* S, unsigned char* stage) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if KDK_TENSOR_CORES
   if constexpr (Is16<scalar_t>::value) {
     sim_tile_wmma<scalar_t>(X, Y, d, a0, b0, L, S, stage);
     return;
@@ -248,7 +240,7 @@ __device__ void accum_tile_fma(const acc_t* Gt, const scalar_t* F, int d, int64_
   }
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if KDK_TENSOR_CORES
 template <class scalar_t>
 __device__ void accum_tile_tf32(const float* Gt, const scalar_t* F, int d, int64_t o0, int64_t x0, int64_t L, float* out,
                                 unsigned char* stage) {
@@ -296,7 +288,7 @@ __device__ void accum_tile_tf32(const float* Gt, const scalar_t* F, int d, int64
 template <class scalar_t, class acc_t>
 __device__ __forceinline__ void accum_tile(const acc_t* Gt, const scalar_t* F, int d, int64_t o0, int64_t x0, int64_t L,
                                            acc_t* out, unsigned char* stage) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if KDK_TENSOR_CORES
   if constexpr (Is16<scalar_t>::value) {
     accum_tile_tf32<scalar_t>(Gt, F, d, o0, x0, L, out, stage);
     return;
@@ -343,7 +335,7 @@ template <class scalar_t, class acc_t> struct RelParams {
 template <class scalar_t, class acc_t, int kLoss>
 __global__ void __launch_bounds__(kThreads) relation_fwd_kernel(RelParams<scalar_t, acc_t> p) {
   constexpr int BM = Geo<acc_t>::BM, LD = Geo<acc_t>::LD, CPL = BM / 32;
-  KDK_TRK_SMEM(smem_raw);
+  KDK_DYNAMIC_SMEM(smem_raw, 128);
   Shared<scalar_t, acc_t> sh(smem_raw);
   const int64_t q = blockIdx.x / p.nblocks, o0 = (blockIdx.x % p.nblocks) * BM;
   const int64_t L = p.lens ? static_cast<int64_t>(p.lens[q / p.H]) : p.n;
@@ -481,7 +473,7 @@ __device__ __forceinline__ void load_row_stats(const acc_t* stat, const acc_t* w
 template <class scalar_t, class acc_t, int kLoss, bool kTeacher>
 __global__ void __launch_bounds__(kThreads) relation_bwd_kernel(RelParams<scalar_t, acc_t> p) {
   constexpr int BM = Geo<acc_t>::BM, LD = Geo<acc_t>::LD;
-  KDK_TRK_SMEM(smem_raw);
+  KDK_DYNAMIC_SMEM(smem_raw, 128);
   Shared<scalar_t, acc_t> sh(smem_raw);
   const int64_t q = blockIdx.x / p.nblocks, o0 = (blockIdx.x % p.nblocks) * BM;
   const int64_t pi = q / p.H;
@@ -542,7 +534,7 @@ template <class scalar_t, class acc_t> struct ConParams {
 template <class scalar_t, class acc_t>
 __global__ void __launch_bounds__(kThreads) contrastive_fwd_kernel(ConParams<scalar_t, acc_t> p) {
   constexpr int BM = Geo<acc_t>::BM, LD = Geo<acc_t>::LD, CPL = BM / 32;
-  KDK_TRK_SMEM(smem_raw);
+  KDK_DYNAMIC_SMEM(smem_raw, 128);
   Shared<scalar_t, acc_t> sh(smem_raw);
   const int64_t q = blockIdx.x / p.nblocks, o0 = (blockIdx.x % p.nblocks) * BM;
   const int64_t L = p.lens ? static_cast<int64_t>(p.lens[q]) : p.n;
@@ -602,7 +594,7 @@ __global__ void __launch_bounds__(kThreads) contrastive_fwd_kernel(ConParams<sca
 template <class scalar_t, class acc_t, bool kTeacherSide>
 __global__ void __launch_bounds__(kThreads) contrastive_bwd_kernel(ConParams<scalar_t, acc_t> p) {
   constexpr int BM = Geo<acc_t>::BM, LD = Geo<acc_t>::LD;
-  KDK_TRK_SMEM(smem_raw);
+  KDK_DYNAMIC_SMEM(smem_raw, 128);
   Shared<scalar_t, acc_t> sh(smem_raw);
   const int64_t q = blockIdx.x / p.nblocks, o0 = (blockIdx.x % p.nblocks) * BM;
   const int64_t L = p.lens ? static_cast<int64_t>(p.lens[q]) : p.n;

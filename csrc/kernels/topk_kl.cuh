@@ -52,8 +52,10 @@ __device__ acc_t row_lse(const scalar_t* z, int64_t V, acc_t scale, acc_t* red) 
   acc_t m = neg_inf<acc_t>(), s = 0;
   for_row(z, V, [&](int64_t, scalar_t raw) {
     const acc_t x = static_cast<acc_t>(raw) * scale;
+    // -inf elements add nothing; skipping them also keeps exp(-inf - -inf) = NaN out of a thread whose
+    // first elements are -inf (masked logits, teacher log-probs of masked ids).
     if (x > m) { s = s * kexp(m - x) + acc_t(1); m = x; }  // rare after the first few elements
-    else s += kexp(x - m);
+    else if (x != neg_inf<acc_t>()) s += kexp(x - m);
   });
   block_lse_merge(m, s, red);
   return m == neg_inf<acc_t>() ? m : m + klog(s);
@@ -61,7 +63,7 @@ __device__ acc_t row_lse(const scalar_t* z, int64_t V, acc_t scale, acc_t* red) 
 
 template <class scalar_t, class acc_t, class index_t>
 __global__ void topk_kl_fwd_kernel(TopkParams<scalar_t, acc_t, index_t> p) {
-  extern __shared__ unsigned char smem_raw[];
+  KDK_DYNAMIC_SMEM(smem_raw, 16);
   acc_t* red = reinterpret_cast<acc_t*>(smem_raw);  // 33 for reductions, then the epilogue scratch
   const acc_t t_scale = p.logprobs ? acc_t(1) : p.inv_t;
   for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {

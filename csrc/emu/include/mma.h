@@ -1,11 +1,15 @@
-// Host stand-in for <mma.h> (tests/cuda_emu): a functional model of nvcuda::wmma with the documented
+// Emulator stand-in for <mma.h>: a functional model of nvcuda::wmma with the documented
 // semantics of load / store (row- and column-major, ldm in elements), mma_sync (D = A B + C, float
 // accumulation) and __float_to_tf32 (10 mantissa bits, round to nearest). The register layout of a real
-// fragment is unspecified; here every lane holds the whole fragment and lane 0 stores it.
+// fragment is unspecified; here every lane holds the whole fragment and lane 0 stores it. Loads go through
+// the instrumented kernel code, so they are checked like any other shared-memory read.
 #pragma once
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
 
 namespace nvcuda {
 namespace wmma {

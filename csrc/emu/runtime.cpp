@@ -1,0 +1,751 @@
+// The emulator's runtime: fibers and their scheduler, barriers and warp collectives, launch-limit checks,
+// shared-memory race / never-written checks, global bounds checks and the tracking allocator. Not instrumented.
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <pthread.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/Exception.h>
+
+#include "emu/cuda_emu.h"
+#include "emu/op_scope.h"
+#include "emu/runtime.h"
+
+// ---- fibers: a minimal x86-64 context switch (callee-saved registers, MXCSR, x87 control word) ----------
+// swapcontext would do, but it makes a signal-mask syscall per switch and blocks switch thousands of times.
+extern "C" void kdk_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+.text
+.globl kdk_emu_switch
+.type kdk_emu_switch,@function
+kdk_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size kdk_emu_switch,.-kdk_emu_switch
+.section .note.GNU-stack,"",@progbits
+.text
+)");
+
+namespace kdk_emu {
+
+Device& device() {
+  static Device d;
+  return d;
+}
+
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kStaticSmemMax = 48 * 1024;   // static __shared__ per block, every architecture
+constexpr size_t kDefaultDynSmem = 48 * 1024;  // dynamic shared memory without the opt-in attribute
+constexpr int kMaxThreads = 1024;
+
+enum class State { kRun, kBarrier, kWarp, kDone };
+enum class WarpOp { kNone, kSync, kShfl, kBallot };
+
+const char* op_name(WarpOp op, Shfl k) {
+  if (op == WarpOp::kSync) return "__syncwarp";
+  if (op == WarpOp::kBallot) return "a vote (__ballot_sync / __any_sync / __all_sync)";
+  switch (k) {
+    case Shfl::kIdx: return "__shfl_sync";
+    case Shfl::kXor: return "__shfl_xor_sync";
+    case Shfl::kUp: return "__shfl_up_sync";
+    default: return "__shfl_down_sync";
+  }
+}
+
+struct Thread {
+  void* sp = nullptr;
+  unsigned char* lo = nullptr;  // stack
+  unsigned char* hi = nullptr;
+  dim3 idx;
+  int id = 0, lane = 0, warp = 0;
+  State state = State::kRun;
+  WarpOp op = WarpOp::kNone;
+  Shfl kind = Shfl::kIdx;
+  unsigned mask = 0;
+  uint64_t in = 0, out = 0;
+  int arg = 0, width = 32;
+  bool pred = false;
+  uint32_t clock = 0;                 // warp-sync generations this thread took part in
+  std::array<uint32_t, 32> vc{};      // the latest clock of each lane of its warp this thread knows of
+};
+
+// What a shared byte last saw: its last writer, and the reads since then (for write-after-read races).
+struct Shadow {
+  int16_t writer;   // thread id, -1: never written in this block
+  int16_t reader;   // thread id, -1: none, -2: several in warp rwarp (lanes r_lanes), -3: several warps
+  int16_t rwarp;
+  uint32_t w_epoch, w_clock, r_epoch, r_clock, r_lanes;
+};
+
+struct Launch {
+  const void* kernel = nullptr;
+  std::string name;
+  dim3 grid, block, bidx;
+  size_t dyn = 0;
+  Body body = nullptr;
+  const void* closure = nullptr;
+  int nthreads = 0;
+  std::vector<Thread> threads;
+  Thread* cur = nullptr;
+  void* sched_sp = nullptr;
+  // shared memory: [dynamic | static area]
+  std::vector<unsigned char> smem;
+  std::vector<Shadow> shadow;
+  size_t static_used = 0;
+  std::unordered_map<const void*, size_t> static_off;
+  uint32_t epoch = 1;
+  std::string error;
+};
+
+Launch* g_launch = nullptr;       // the launch being emulated (one at a time, under g_run_mutex)
+bool g_active = false;            // a fiber runs kernel code: check its memory accesses
+pthread_t g_owner;
+
+// The runtime's own code runs unchecked: every entry point kernel code calls pauses the checks (the
+// runtime may call instrumented copies of inline library functions, which must not re-enter the hook).
+struct Pause {
+  bool was;
+  KDK_EMU_NO_CHECK Pause() : was(g_active) { g_active = false; }
+  KDK_EMU_NO_CHECK ~Pause() { g_active = was; }
+};
+std::mutex g_run_mutex;
+
+unsigned char* g_stacks = nullptr;  // kMaxThreads stacks, each with a guard page at its bottom
+
+unsigned char* stacks() {
+  if (!g_stacks) {
+    const size_t bytes = kStackBytes * kMaxThreads;
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    TORCH_CHECK(p != MAP_FAILED, "kdkernels emulator: cannot map fiber stacks");
+    g_stacks = static_cast<unsigned char*>(p);
+    for (int i = 0; i < kMaxThreads; ++i) mprotect(g_stacks + i * kStackBytes, 4096, PROT_NONE);
+  }
+  return g_stacks;
+}
+
+std::string dim_str(dim3 d) {
+  std::ostringstream s;
+  s << "(" << d.x << "," << d.y << "," << d.z << ")";
+  return s.str();
+}
+
+std::string demangle(const char* n) {
+  int status = 0;
+  char* d = abi::__cxa_demangle(n, nullptr, nullptr, &status);
+  std::string out = status == 0 && d ? d : n;
+  free(d);
+  return out;
+}
+
+std::string kernel_name(const void* k) {
+  Dl_info info;
+  if (dladdr(k, &info) && info.dli_sname) return demangle(info.dli_sname);
+  std::ostringstream s;
+  s << "kernel@" << k;
+  return s.str();
+}
+
+// The kernel's __launch_bounds__: the NOP bytes cuda_emu.h put at its entry (after an endbr64), 0 = none.
+int launch_bounds(const void* k) {
+  const auto* b = static_cast<const unsigned char*>(k);
+  if (b[0] == 0xf3 && b[1] == 0x0f && b[2] == 0x1e && b[3] == 0xfa) b += 4;
+  int n = 0;
+  while (n <= kMaxThreads && b[n] == 0x90) ++n;
+  return n;
+}
+
+std::string where(const Launch& L, const Thread* t) {
+  std::ostringstream s;
+  s << "in kernel " << L.name << ", block " << dim_str(L.bidx);
+  if (t) s << ", thread " << dim_str(t->idx);
+  return s.str();
+}
+
+[[noreturn]] void fiber_exit();
+
+// Records the first error of the launch and leaves the fiber for good (the scheduler then stops).
+void fail(const std::string& what) {
+  Launch& L = *g_launch;
+  if (L.error.empty()) L.error = "kdkernels emulator: " + what + " (" + where(L, L.cur) + ")";
+  fiber_exit();
+}
+
+// ---- the scheduler ---------------------------------------------------------------------------------
+// Called with the checks paused (every caller holds a Pause, whose end resumes them).
+void yield() {
+  Launch& L = *g_launch;
+  kdk_emu_switch(&L.cur->sp, L.sched_sp);
+}
+
+[[noreturn]] KDK_EMU_NO_CHECK void fiber_exit() {
+  g_active = false;
+  Launch& L = *g_launch;
+  L.cur->state = State::kDone;
+  kdk_emu_switch(&L.cur->sp, L.sched_sp);
+  std::abort();  // a finished fiber is never resumed
+}
+
+KDK_EMU_NO_CHECK void fiber_entry() {
+  Launch& L = *g_launch;
+  const Body body = L.body;
+  const void* closure = L.closure;
+  g_active = true;
+  body(closure);
+  fiber_exit();
+}
+
+void* fiber_init(unsigned char* hi) {
+  // The stack fiber_init leaves is what kdk_emu_switch pops: MXCSR/x87 word, six registers, a return
+  // address into fiber_entry, and a zero slot so fiber_entry starts with the ABI's alignment.
+  auto* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(hi) & ~uintptr_t(15));
+  *--top = 0;
+  *--top = reinterpret_cast<uint64_t>(&fiber_entry);
+  for (int i = 0; i < 6; ++i) *--top = 0;
+  *--top = 0x037F00001F80ull;  // MXCSR 0x1F80 (low 4 bytes), x87 control word 0x037F
+  return top;
+}
+
+bool lane_in(unsigned mask, int lane) { return (mask >> lane) & 1u; }
+
+std::string state_str(const Thread& t) {
+  std::ostringstream s;
+  switch (t.state) {
+    case State::kDone: return "has exited";
+    case State::kBarrier: return "waits at __syncthreads";
+    case State::kRun: return "is running";
+    default: s << "calls " << op_name(t.op, t.kind) << " with mask 0x" << std::hex << t.mask; return s.str();
+  }
+}
+
+int shfl_src(const Thread& t) {
+  const int w = t.width, base = t.lane & ~(w - 1), rel = t.lane - base;
+  switch (t.kind) {
+    case Shfl::kIdx: return base + (t.arg & (w - 1));
+    case Shfl::kXor: { const int s = t.lane ^ t.arg; return (s & ~(w - 1)) == base ? s : t.lane; }
+    case Shfl::kUp: return rel - t.arg >= 0 ? t.lane - t.arg : t.lane;
+    default: return rel + t.arg < w ? t.lane + t.arg : t.lane;
+  }
+}
+
+// Completes every warp collective whose lanes have all arrived; false if none could. A collective whose
+// mask names a lane that is elsewhere (exited, at a barrier, in another collective) is an error.
+bool resolve_warps(Launch& L) {
+  bool any = false;
+  for (Thread& t : L.threads) {
+    if (t.state != State::kWarp) continue;
+    const int base = t.warp * 32;
+    std::ostringstream err;
+    if (!lane_in(t.mask, t.lane)) {
+      err << "lane " << t.lane << " calls " << op_name(t.op, t.kind) << " with mask 0x" << std::hex << t.mask
+          << " that does not include itself";
+    }
+    for (int j = 0; j < 32 && err.str().empty(); ++j) {
+      if (!lane_in(t.mask, j)) continue;
+      if (base + j >= L.nthreads) {
+        err << op_name(t.op, t.kind) << " mask 0x" << std::hex << t.mask << " names lane " << std::dec << j
+            << ", which does not exist in a block of " << L.nthreads << " threads";
+        break;
+      }
+      const Thread& u = L.threads[base + j];
+      if (u.state != State::kWarp || u.op != t.op || u.kind != t.kind || u.mask != t.mask)
+        err << "lane " << t.lane << " calls " << op_name(t.op, t.kind) << " with mask 0x" << std::hex << t.mask
+            << " but lane " << std::dec << j << " " << state_str(u);
+    }
+    if (!err.str().empty()) {
+      L.cur = &t;
+      L.error = "kdkernels emulator: warp collective mask mismatch: " + err.str() + " (" + where(L, &t) + ")";
+      return false;
+    }
+    // Every lane of the mask is here: complete the collective.
+    uint64_t ballot = 0;
+    std::array<uint32_t, 32> merged{};
+    for (int j = 0; j < 32; ++j) {
+      if (!lane_in(t.mask, j)) continue;
+      Thread& u = L.threads[base + j];
+      ballot |= uint64_t(u.pred) << j;
+      if (t.op == WarpOp::kSync) {
+        u.vc[j] = ++u.clock;
+        for (int i = 0; i < 32; ++i) merged[i] = std::max(merged[i], u.vc[i]);
+      }
+    }
+    for (int j = 0; j < 32; ++j) {
+      if (!lane_in(t.mask, j)) continue;
+      Thread& u = L.threads[base + j];
+      if (t.op == WarpOp::kShfl) {
+        const int src = shfl_src(u);
+        if (!lane_in(t.mask, src)) {
+          L.cur = &u;
+          std::ostringstream e;
+          e << "kdkernels emulator: lane " << j << " reads lane " << src << " in " << op_name(t.op, t.kind)
+            << ", which is not in the mask 0x" << std::hex << t.mask << " (" << where(L, &u) << ")";
+          L.error = e.str();
+          return false;
+        }
+        u.out = L.threads[base + src].in;
+      } else if (t.op == WarpOp::kBallot) {
+        u.out = ballot;
+      } else {
+        u.vc = merged;
+      }
+    }
+    for (int j = 0; j < 32; ++j)
+      if (lane_in(t.mask, j)) {
+        L.threads[base + j].state = State::kRun;
+        L.threads[base + j].op = WarpOp::kNone;
+      }
+    any = true;
+  }
+  return any;
+}
+
+void run_block(Launch& L) {
+  const dim3 b = L.block;
+  unsigned char* st = stacks();
+  for (int i = 0; i < L.nthreads; ++i) {
+    Thread& t = L.threads[i];
+    t = Thread{};
+    t.idx = dim3(i % b.x, (i / b.x) % b.y, i / (b.x * b.y));
+    t.id = i; t.lane = i % 32; t.warp = i / 32;
+    t.lo = st + i * kStackBytes + 4096;
+    t.hi = st + (i + 1) * kStackBytes;
+    t.sp = fiber_init(t.hi);
+  }
+  const size_t used = L.dyn + L.static_used;
+  std::fill(L.smem.begin(), L.smem.end(), 0xFF);  // NaN bytes: a stray read is loud even unchecked
+  std::fill(L.shadow.begin(), L.shadow.begin() + std::min(used + kStaticSmemMax, L.shadow.size()),
+            Shadow{-1, -1, -1, 0, 0, 0, 0, 0});
+  L.epoch = 1;
+  for (;;) {
+    bool ran = false;
+    for (Thread& t : L.threads) {
+      if (t.state != State::kRun) continue;
+      L.cur = &t;
+      kdk_emu_switch(&L.sched_sp, t.sp);
+      ran = true;
+      if (!L.error.empty()) return;
+    }
+    if (ran) continue;
+    if (resolve_warps(L)) continue;
+    if (!L.error.empty()) return;
+    bool waiting = false, all_at_barrier = true;
+    for (const Thread& t : L.threads) {
+      if (t.state == State::kBarrier) waiting = true;
+      else if (t.state != State::kDone) all_at_barrier = false;
+    }
+    if (!waiting) return;  // every thread has exited
+    if (!all_at_barrier) {
+      L.error = "kdkernels emulator: deadlock: threads wait at __syncthreads while others wait elsewhere (" +
+                where(L, nullptr) + ")";
+      return;
+    }
+    ++L.epoch;
+    for (Thread& t : L.threads)
+      if (t.state == State::kBarrier) t.state = State::kRun;
+  }
+}
+
+// ---- global memory: the ranges a kernel may touch -----------------------------------------------------
+struct Range {
+  uintptr_t end;
+  int count;
+};
+std::mutex g_mem_mutex;
+std::map<uintptr_t, Range> g_ranges;
+uintptr_t g_hit_lo = 0, g_hit_hi = 0;  // the last range a check found (reset at every launch)
+
+void add_range(uintptr_t lo, uintptr_t hi) {
+  std::lock_guard<std::mutex> g(g_mem_mutex);
+  auto [it, fresh] = g_ranges.try_emplace(lo, Range{hi, 0});
+  it->second.end = std::max(it->second.end, hi);
+  ++it->second.count;
+}
+
+void remove_range(uintptr_t lo) {
+  std::lock_guard<std::mutex> g(g_mem_mutex);
+  auto it = g_ranges.find(lo);
+  if (it != g_ranges.end() && --it->second.count == 0) g_ranges.erase(it);
+  g_hit_lo = g_hit_hi = 0;
+}
+
+bool global_ok(uintptr_t a, size_t n) {
+  if (a >= g_hit_lo && a + n <= g_hit_hi) return true;
+  std::lock_guard<std::mutex> g(g_mem_mutex);
+  auto it = g_ranges.upper_bound(a);
+  if (it == g_ranges.begin()) return false;
+  --it;
+  if (a + n > it->second.end) return false;
+  g_hit_lo = it->first;
+  g_hit_hi = it->second.end;
+  return true;
+}
+
+// Tensors allocated while an emulated op runs: 256-byte red zones on both sides, tracked until freed.
+constexpr size_t kRedZone = 256;
+void tracked_free(void* base) {
+  remove_range(reinterpret_cast<uintptr_t>(base) + kRedZone);
+  c10::free_cpu(base);
+}
+struct TrackingAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t n) override {
+    auto* base = static_cast<unsigned char*>(c10::alloc_cpu(n + 2 * kRedZone));
+    unsigned char* p = base + kRedZone;
+    add_range(reinterpret_cast<uintptr_t>(p), reinterpret_cast<uintptr_t>(p + n));
+    return {p, base, &tracked_free, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  void copy_data(void* dst, const void* src, size_t n) const override { default_copy_data(dst, src, n); }
+};
+TrackingAllocator g_tracking;
+c10::Allocator* g_saved_alloc = nullptr;
+int g_scope_depth = 0;
+constexpr uint8_t kAllocPriority = 100;
+
+// ---- shared memory checks ----------------------------------------------------------------------------
+bool ordered_after_write(const Launch& L, const Shadow& s, const Thread& t) {
+  if (s.writer == t.id || s.w_epoch < L.epoch) return true;
+  const Thread& w = L.threads[s.writer];
+  return w.warp == t.warp && t.vc[w.lane] > s.w_clock;
+}
+
+bool ordered_after_reads(const Launch& L, const Shadow& s, const Thread& t) {
+  if (s.r_epoch < L.epoch || s.reader == -1 || s.reader == t.id) return true;
+  if (s.reader == -3) return false;
+  if (s.rwarp != t.warp) return false;
+  for (int l = 0; l < 32; ++l)
+    if (lane_in(s.r_lanes, l) && l != t.lane && t.vc[l] <= s.r_clock) return false;
+  return true;
+}
+
+void shared_access(Launch& L, uintptr_t a, size_t n, bool write) {
+  Thread& t = *L.cur;
+  const uintptr_t base = reinterpret_cast<uintptr_t>(L.smem.data());
+  const size_t off = a - base;
+  const size_t stat0 = L.dyn;
+  const bool in_dyn = off + n <= L.dyn;
+  const bool in_static = off >= stat0 && off + n <= stat0 + L.static_used;
+  if (!in_dyn && !in_static) {
+    std::ostringstream e;
+    e << "shared-memory out-of-bounds " << (write ? "write" : "read") << " of " << n << " bytes at offset " << off
+      << " (0x" << std::hex << a << std::dec << "); the block has " << L.dyn << " bytes of dynamic and "
+      << L.static_used << " of static shared memory";
+    fail(e.str());
+  }
+  for (size_t i = 0; i < n; ++i) {
+    Shadow& s = L.shadow[off + i];
+    const char* kind = nullptr;
+    int other = -1;
+    if (!write && s.writer == -1) kind = "read of shared memory never written in this block";
+    else if (s.writer >= 0 && !ordered_after_write(L, s, t)) {
+      kind = write ? "shared-memory race (write after write)" : "shared-memory race (read after write)";
+      other = s.writer;
+    } else if (write && !ordered_after_reads(L, s, t)) {
+      kind = "shared-memory race (write after read)";
+      other = s.reader >= 0 ? s.reader : -1;
+    }
+    if (kind) {
+      std::ostringstream e;
+      e << kind << ": " << n << " bytes at shared offset " << off << " (0x" << std::hex << a << std::dec << ")";
+      if (other >= 0) e << ", last touched by thread " << dim_str(L.threads[other].idx) << " with no barrier both passed";
+      else if (s.reader < -1) e << ", read by other threads with no barrier both passed";
+      fail(e.str());
+    }
+    if (write) {
+      s.writer = static_cast<int16_t>(t.id);
+      s.w_epoch = L.epoch;
+      s.w_clock = t.clock;
+      s.r_epoch = 0;
+      s.reader = -1;
+    } else if (s.r_epoch < L.epoch || s.reader == -1) {
+      s.reader = static_cast<int16_t>(t.id); s.rwarp = static_cast<int16_t>(t.warp);
+      s.r_epoch = L.epoch; s.r_clock = t.clock; s.r_lanes = 1u << t.lane;
+    } else if (s.reader != t.id) {
+      if (s.reader != -3 && s.rwarp == t.warp) {
+        s.reader = -2; s.r_lanes |= 1u << t.lane; s.r_clock = std::max(s.r_clock, t.clock);
+      } else {
+        s.reader = -3;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// ---- the memory-access hook every instrumented load and store calls -----------------------------------
+namespace {
+void check_impl(uintptr_t a, size_t n, bool write) {
+  Launch& L = *g_launch;
+  const Thread& t = *L.cur;
+  if (a >= reinterpret_cast<uintptr_t>(t.lo) && a + n <= reinterpret_cast<uintptr_t>(t.hi)) return;
+  const uintptr_t s0 = reinterpret_cast<uintptr_t>(L.smem.data());
+  if (a + n > s0 && a < s0 + L.smem.size()) return shared_access(L, a, n, write);
+  if (global_ok(a, n)) return;
+  std::ostringstream e;
+  e << "global-memory out-of-bounds " << (write ? "write" : "read") << " of " << n << " bytes at 0x" << std::hex << a
+    << ", outside every tensor the op was given or allocated";
+  fail(e.str());
+}
+}  // namespace
+
+KDK_EMU_NO_CHECK void check_access(uintptr_t a, size_t n, bool write) {
+  if (!g_active || !pthread_equal(pthread_self(), g_owner)) return;
+  Pause p;
+  check_impl(a, n, write);
+}
+
+// ---- the built-ins -------------------------------------------------------------------------------------
+KDK_EMU_NO_CHECK dim3 thread_idx() { return g_launch->cur->idx; }
+KDK_EMU_NO_CHECK dim3 block_idx() { return g_launch->bidx; }
+KDK_EMU_NO_CHECK dim3 block_dim() { return g_launch->block; }
+KDK_EMU_NO_CHECK dim3 grid_dim() { return g_launch->grid; }
+KDK_EMU_NO_CHECK unsigned char* dynamic_smem() {
+  Pause p;
+  return g_launch->smem.data();
+}
+
+KDK_EMU_NO_CHECK unsigned char* static_smem(const void* key, size_t bytes, size_t align) {
+  Pause p;
+  Launch& L = *g_launch;
+  auto it = L.static_off.find(key);
+  if (it == L.static_off.end()) {
+    const size_t off = (L.static_used + align - 1) / align * align;
+    if (off + bytes > kStaticSmemMax) {
+      std::ostringstream e;
+      e << "launch limit: static shared memory of " << off + bytes << " bytes exceeds " << kStaticSmemMax;
+      fail(e.str());
+    }
+    const size_t limit = L.dyn + off + bytes;
+    if (limit > device().max_smem_optin) {
+      std::ostringstream e;
+      e << "launch limit: " << L.dyn << " bytes of dynamic plus " << off + bytes
+        << " of static shared memory exceed the device's " << device().max_smem_optin;
+      fail(e.str());
+    }
+    it = L.static_off.emplace(key, off).first;
+    L.static_used = off + bytes;
+  }
+  return L.smem.data() + L.dyn + it->second;
+}
+
+KDK_EMU_NO_CHECK void syncthreads() {
+  Pause p;
+  g_launch->cur->state = State::kBarrier;
+  yield();
+}
+
+namespace {
+uint64_t warp_op(WarpOp op, Shfl kind, unsigned mask, uint64_t in, int arg, int width, bool pred) {
+  Thread& t = *g_launch->cur;
+  if (width <= 0 || width > 32 || (width & (width - 1))) {
+    std::ostringstream e;
+    e << op_name(op, kind) << " width must be a power of two in [1, 32]: got " << width;
+    fail(e.str());
+  }
+  t.state = State::kWarp; t.op = op; t.kind = kind; t.mask = mask; t.in = in; t.arg = arg; t.width = width;
+  t.pred = pred;
+  yield();
+  return t.out;
+}
+}  // namespace
+
+KDK_EMU_NO_CHECK void syncwarp(unsigned mask) {
+  Pause p;
+  warp_op(WarpOp::kSync, Shfl::kIdx, mask, 0, 0, 32, false);
+}
+
+KDK_EMU_NO_CHECK void shfl(Shfl kind, unsigned mask, const void* in, void* out, size_t bytes, int arg, int width) {
+  Pause p;
+  uint64_t v = 0;
+  std::memcpy(&v, in, bytes);
+  const uint64_t r = warp_op(WarpOp::kShfl, kind, mask, v, arg, width, false);
+  std::memcpy(out, &r, bytes);
+}
+
+KDK_EMU_NO_CHECK unsigned vote_ballot(unsigned mask, bool pred) {
+  Pause p;
+  return static_cast<unsigned>(warp_op(WarpOp::kBallot, Shfl::kIdx, mask, 0, 0, 32, pred));
+}
+
+KDK_EMU_NO_CHECK void atomic_add(void* addr, const void* val, void* old, int kind) {
+  Pause p;
+  static const size_t sizes[] = {4, 8, 4, 8};
+  const size_t n = sizes[kind];
+  const auto a = reinterpret_cast<uintptr_t>(addr);
+  Launch& L = *g_launch;
+  const uintptr_t s0 = reinterpret_cast<uintptr_t>(L.smem.data());
+  if (a + n > s0 && a < s0 + L.smem.size()) {
+    // Atomics do not race with each other: check the bytes were written, then record this thread.
+    shared_access(L, a, n, false);
+    for (size_t i = 0; i < n; ++i) {
+      Shadow& s = L.shadow[a - s0 + i];
+      s.writer = static_cast<int16_t>(L.cur->id); s.w_epoch = L.epoch; s.w_clock = L.cur->clock; s.r_epoch = 0;
+    }
+  } else {
+    check_impl(a, n, true);
+  }
+  std::memcpy(old, addr, n);
+  switch (kind) {
+    case 0: { float x; std::memcpy(&x, addr, 4); x += *static_cast<const float*>(val); std::memcpy(addr, &x, 4); break; }
+    case 1: { double x; std::memcpy(&x, addr, 8); x += *static_cast<const double*>(val); std::memcpy(addr, &x, 8); break; }
+    case 2: { int x; std::memcpy(&x, addr, 4); x += *static_cast<const int*>(val); std::memcpy(addr, &x, 4); break; }
+    default: { uint64_t x; std::memcpy(&x, addr, 8); x += *static_cast<const uint64_t*>(val); std::memcpy(addr, &x, 8); }
+  }
+}
+
+// ---- launch ------------------------------------------------------------------------------------------
+namespace {
+std::mutex g_attr_mutex;
+std::unordered_map<const void*, size_t> g_max_dyn;  // cudaFuncAttributeMaxDynamicSharedMemorySize
+std::map<std::string, int64_t> g_counts;            // launches per kernel
+
+[[noreturn]] void refuse(const std::string& name, const std::string& what) {
+  TORCH_CHECK(false, "kdkernels emulator: launch limit: ", what, " (kernel ", name, ")");
+}
+}  // namespace
+
+void set_max_dynamic_smem(const void* kernel, size_t bytes) {
+  if (bytes > device().max_smem_optin)
+    refuse(kernel_name(kernel), "cudaFuncSetAttribute(MaxDynamicSharedMemorySize, " + std::to_string(bytes) +
+                                    ") exceeds the device's opt-in limit of " + std::to_string(device().max_smem_optin) +
+                                    " bytes (sm_" + std::to_string(device().arch) + ")");
+  std::lock_guard<std::mutex> g(g_attr_mutex);
+  g_max_dyn[kernel] = bytes;
+}
+
+void run(const void* kernel, dim3 grid, dim3 block, size_t smem, Body body, const void* closure) {
+  const std::string name = kernel_name(kernel);
+  const int64_t threads = int64_t(block.x) * block.y * block.z;
+  const int bounds = launch_bounds(kernel);
+  if (block.x == 0 || block.y == 0 || block.z == 0 || grid.x == 0 || grid.y == 0 || grid.z == 0)
+    refuse(name, "empty grid " + dim_str(grid) + " or block " + dim_str(block));
+  if (block.x > 1024 || block.y > 1024 || block.z > 64 || threads > kMaxThreads)
+    refuse(name, "block " + dim_str(block) + " exceeds 1024 threads (or 1024 x 1024 x 64)");
+  if (bounds > 0 && threads > bounds)
+    refuse(name, "block of " + std::to_string(threads) + " threads exceeds the kernel's __launch_bounds__(" +
+                     std::to_string(bounds) + ")");
+  if (grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
+    refuse(name, "grid " + dim_str(grid) + " exceeds 2^31-1 x 65535 x 65535");
+  size_t opt_in = kDefaultDynSmem;
+  {
+    std::lock_guard<std::mutex> g(g_attr_mutex);
+    auto it = g_max_dyn.find(kernel);
+    if (it != g_max_dyn.end()) opt_in = std::max(opt_in, it->second);
+  }
+  if (smem > device().max_smem_optin)
+    refuse(name, std::to_string(smem) + " bytes of dynamic shared memory exceed the device's " +
+                     std::to_string(device().max_smem_optin) + " (sm_" + std::to_string(device().arch) + ")");
+  if (smem > opt_in)
+    refuse(name, std::to_string(smem) + " bytes of dynamic shared memory without the opt-in " +
+                     "(cudaFuncSetAttribute MaxDynamicSharedMemorySize is " + std::to_string(opt_in) + ")");
+
+  std::lock_guard<std::mutex> run_guard(g_run_mutex);
+  Launch L;
+  L.kernel = kernel; L.name = name; L.grid = grid; L.block = block; L.dyn = smem; L.body = body;
+  L.closure = closure; L.nthreads = static_cast<int>(threads);
+  L.threads.resize(L.nthreads);
+  L.smem.assign(smem + kStaticSmemMax, 0xFF);
+  L.shadow.resize(L.smem.size());
+  g_launch = &L;
+  g_owner = pthread_self();
+  g_hit_lo = g_hit_hi = 0;
+  for (unsigned z = 0; z < grid.z && L.error.empty(); ++z)
+    for (unsigned y = 0; y < grid.y && L.error.empty(); ++y)
+      for (unsigned x = 0; x < grid.x && L.error.empty(); ++x) {
+        L.bidx = dim3(x, y, z);
+        run_block(L);
+      }
+  g_active = false;
+  g_launch = nullptr;
+  {
+    std::lock_guard<std::mutex> g(g_attr_mutex);
+    ++g_counts[name];
+  }
+  TORCH_CHECK(L.error.empty(), L.error);
+}
+
+// ---- ops ----------------------------------------------------------------------------------------------
+OpScope::OpScope() {
+  std::lock_guard<std::mutex> g(g_mem_mutex);
+  if (g_scope_depth++ == 0) {
+    g_saved_alloc = c10::GetCPUAllocator();
+    c10::SetCPUAllocator(&g_tracking, kAllocPriority);
+  }
+}
+
+OpScope::~OpScope() {
+  for (auto& r : ranges) remove_range(r.first);
+  std::lock_guard<std::mutex> g(g_mem_mutex);
+  if (--g_scope_depth == 0) c10::SetCPUAllocator(g_saved_alloc, kAllocPriority);
+}
+
+void OpScope::add(const at::Tensor& t) {
+  if (!t.defined() || !t.has_storage() || t.device().type() != c10::DeviceType::CPU) return;
+  const auto lo = reinterpret_cast<uintptr_t>(t.storage().data());
+  const uintptr_t hi = lo + t.storage().nbytes();
+  add_range(lo, hi);
+  ranges.emplace_back(lo, hi);
+}
+
+std::map<std::string, int64_t> launch_counts() {
+  std::lock_guard<std::mutex> g(g_attr_mutex);
+  return g_counts;
+}
+
+void reset_launch_counts() {
+  std::lock_guard<std::mutex> g(g_attr_mutex);
+  g_counts.clear();
+}
+
+}  // namespace kdk_emu
+
+// The hooks GCC's -fsanitize=kernel-address (call mode) emits for every load and store.
+extern "C" {
+#define KDK_EMU_HOOK(n)                                                                                      \
+  KDK_EMU_NO_CHECK void __asan_load##n##_noabort(uintptr_t a) { kdk_emu::check_access(a, n, false); }         \
+  KDK_EMU_NO_CHECK void __asan_store##n##_noabort(uintptr_t a) { kdk_emu::check_access(a, n, true); }
+KDK_EMU_HOOK(1)
+KDK_EMU_HOOK(2)
+KDK_EMU_HOOK(4)
+KDK_EMU_HOOK(8)
+KDK_EMU_HOOK(16)
+#undef KDK_EMU_HOOK
+KDK_EMU_NO_CHECK void __asan_loadN_noabort(uintptr_t a, size_t n) { kdk_emu::check_access(a, n, false); }
+KDK_EMU_NO_CHECK void __asan_storeN_noabort(uintptr_t a, size_t n) { kdk_emu::check_access(a, n, true); }
+void __asan_handle_no_return() {}
+void __asan_before_dynamic_init(const char*) {}
+void __asan_after_dynamic_init() {}
+}

@@ -1,0 +1,142 @@
+// Deliberately broken kernels (and correct twins) that prove each check of the emulator fires:
+// torch.ops.kdkernels_emu.emu_selftest(check, x), used by tests/test_emu.py.
+#include <string>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common/cuda_utils.cuh"
+#include "common/launch.h"
+
+namespace kdk {
+
+struct SelftestArgs {
+  float* x;     // the op's tensor
+  int64_t n;    // its elements
+  float* out;   // (blockDim.x,) output
+  int mode;
+};
+
+// Shared-memory protocols: mode 0 is correct; each other mode leaves out a barrier or reads garbage.
+__global__ void selftest_shared_kernel(SelftestArgs a) {
+  KDK_DYNAMIC_SMEM(raw, 16);
+  float* s = reinterpret_cast<float*>(raw);
+  const int t = threadIdx.x;
+  switch (a.mode) {
+    case 0:  // write, barrier, read a neighbour's value, barrier, overwrite
+      s[t] = float(t);
+      __syncthreads();
+      a.out[t] = s[(t + 1) % blockDim.x];
+      __syncthreads();
+      s[t] = 0.f;
+      break;
+    case 1:  // read after write with no barrier (thread t reads what thread t - 1 wrote)
+      s[t] = float(t);
+      a.out[t] = s[t > 0 ? t - 1 : 0];
+      break;
+    case 2:  // write after write with no barrier
+      s[0] = float(t);
+      break;
+    case 3:  // write after read with no barrier
+      s[t] = float(t);
+      __syncthreads();
+      a.out[t] = s[(t + 1) % blockDim.x];
+      s[t] = 0.f;
+      break;
+    case 4:  // a value never written in this block
+      if (t == 0) s[1] = 1.f;
+      __syncthreads();
+      a.out[t] = s[t];
+      break;
+    case 5:  // lanes of one warp exchange through shared memory ordered by __syncwarp: correct
+      s[t] = float(t);
+      __syncwarp();
+      a.out[t] = s[t ^ 1];
+      break;
+    case 6:  // the same exchange with a shuffle in place of __syncwarp: shuffles do not order memory
+      s[t] = float(t);
+      a.out[t] = __shfl_xor_sync(0xffffffffu, s[t], 1) + s[t ^ 1];
+      break;
+    case 7:  // past the end of the block's dynamic shared memory
+      a.out[t] = s[blockDim.x + t];
+      break;
+    default: break;
+  }
+}
+
+// Global memory and warp collectives.
+__global__ void selftest_global_kernel(SelftestArgs a) {
+  const int t = threadIdx.x;
+  switch (a.mode) {
+    case 0: {  // correct: a warp sum of the tensor's first elements
+      float v = t < a.n ? a.x[t] : 0.f;
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      a.out[t] = v;
+      break;
+    }
+    case 1:  // one element past the end of the tensor
+      if (t == 0) a.out[0] = a.x[a.n];
+      break;
+    case 2:  // a write far outside any tensor
+      if (t == 0) a.x[a.n + (int64_t(1) << 22)] = 1.f;
+      break;
+    case 3:  // a full-warp mask where only half the warp calls the shuffle
+      if ((t & 31) < 16) a.out[t] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+      break;
+    case 4:  // a shuffle that reads a lane outside its mask
+      if ((t & 31) < 16) a.out[t] = __shfl_sync(0x0000ffffu, 1.f, 20);
+      break;
+    default: break;
+  }
+}
+
+__global__ void __launch_bounds__(128) selftest_bounded_kernel(SelftestArgs a) {
+  if (threadIdx.x == 0) a.out[0] = 1.f;
+}
+
+namespace {
+
+at::Tensor emu_selftest(c10::string_view check_sv, const at::Tensor& x) {
+  const std::string check(check_sv);
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.numel() >= 1,
+              "emu_selftest: x must be a non-empty contiguous float32 tensor");
+  at::Tensor out = at::zeros({256}, x.options());
+  SelftestArgs a{x.data_ptr<float>(), x.numel(), out.data_ptr<float>(), 0};
+  const size_t smem = 128 * sizeof(float);
+  static const char* shared[] = {"shared_ok", "race_raw", "race_waw", "race_war", "uninit", "warp_sync_ok",
+                                 "race_warp", "shared_oob"};
+  for (int i = 0; i < 8; ++i)
+    if (check == shared[i]) {
+      a.mode = i;
+      launch(selftest_shared_kernel, 2, 128, smem, a);
+      return out;
+    }
+  static const char* global[] = {"global_ok", "global_read_oob", "global_write_oob", "shfl_mask", "shfl_lane"};
+  for (int i = 0; i < 5; ++i)
+    if (check == global[i]) {
+      a.mode = i;
+      launch(selftest_global_kernel, 1, 64, 0, a);
+      return out;
+    }
+  if (check == "block_too_big") launch(selftest_global_kernel, 1, 2048, 0, a);
+  else if (check == "launch_bounds") launch(selftest_bounded_kernel, 1, 256, 0, a);
+  else if (check == "launch_bounds_ok") launch(selftest_bounded_kernel, 1, 128, 0, a);
+  else if (check == "grid_y") launch(selftest_global_kernel, dim3(1, 70000), 32, 0, a);
+  else if (check == "smem_no_optin") launch(selftest_global_kernel, 1, 128, 64 * 1024, a);
+  else if (check == "smem_optin_ok") {
+    allow_dynamic_smem(selftest_shared_kernel, 64 * 1024);
+    launch(selftest_shared_kernel, 1, 128, 64 * 1024, a);
+  } else if (check == "smem_over_device") {
+    allow_dynamic_smem(selftest_global_kernel, 240 * 1024);
+  } else {
+    TORCH_CHECK(false, "emu_selftest: unknown check '", check, "'");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kdkernels_emu, m) { m.def("emu_selftest(str check, Tensor x) -> Tensor"); }
+TORCH_LIBRARY_IMPL(kdkernels_emu, CPU, m) { m.impl("emu_selftest", KDK_IMPL(emu_selftest)); }
+
+}  // namespace kdk
