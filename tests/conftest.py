@@ -57,6 +57,12 @@ def cuda_path(device) -> bool:
     return device == "cuda" or getattr(device, "emulated", False)
 
 
+def emu_skip(device, why):
+    """Skips a case too large for the emulator (one CPU thread runs every CUDA thread); say why."""
+    if getattr(device, "emulated", False):
+        pytest.skip(f"emulated: {why}")
+
+
 _emu_passed = collections.Counter()
 
 

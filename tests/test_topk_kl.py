@@ -329,6 +329,24 @@ def test_raw_ops_values(device, mode, divergence, masked):
     assert_grad_close(grad, ref_grad, torch.float32)
 
 
+@pytest.mark.parametrize("bad", ["lse", "coef", "stat", "grad_loss", "dtype"])
+def test_raw_backward_checks_saved_inputs(device, bad):
+    # A raw call of the backward with saved tensors of the wrong shape once read out of bounds.
+    z, t, ids, _, va = _raw_inputs("support", device)
+    N, K = ids.shape
+    saved = dict(grad_loss=torch.ones(N), lse=torch.zeros(N), coef=torch.zeros(N, K), stat=torch.zeros(N, 2))
+    if bad == "dtype":
+        saved["lse"], msg = saved["lse"].double(), "lse must be torch.float32: got torch.float64"
+    else:
+        saved[bad] = saved[bad][:2]
+        want = {"lse": "(5,)", "coef": f"({N}, {K})", "stat": f"({N}, 2)", "grad_loss": "(5,)"}[bad]
+        msg = f"{bad} must have shape {want}: got"
+    s = {k: v.to(device) for k, v in saved.items()}
+    with pytest.raises(ValueError, match=re.escape("kdkernels.topk_kl_div: " + msg)):
+        _ops.lib.topk_kl_bwd(s["grad_loss"], z, t, ids, s["lse"], s["coef"], s["stat"], "support", "forward_kl", 0.5,
+                             1.0, va == "logprobs")
+
+
 @pytest.mark.parametrize("mode,divergence,masked", RAW_CONFIGS[:3])
 def test_opcheck(device, mode, divergence, masked):
     z, t, ids, row_mask, va = _raw_inputs(mode, device, masked=masked, N=3, V=11, K=3)

@@ -109,8 +109,11 @@ struct Shadow {
   int16_t writer;   // thread id, -1: never written in this block
   int16_t reader;   // thread id, -1: none, -2: several in warp rwarp (lanes r_lanes), -3: several warps
   int16_t rwarp;
+  int16_t pad;      // explicit, so whole shadows compare with memcmp
   uint32_t w_epoch, w_clock, r_epoch, r_clock, r_lanes;
 };
+
+constexpr Shadow kNeverWritten{-1, -1, -1, 0, 0, 0, 0, 0, 0};
 
 struct Launch {
   const void* kernel = nullptr;
@@ -123,9 +126,10 @@ struct Launch {
   std::vector<Thread> threads;
   Thread* cur = nullptr;
   void* sched_sp = nullptr;
-  // shared memory: [dynamic | static area]
-  std::vector<unsigned char> smem;
-  std::vector<Shadow> shadow;
+  // shared memory: [dynamic | static area]; the buffers outlive the launch (one launch at a time), so
+  // launches do not pay for fresh pages
+  std::vector<unsigned char>& smem;
+  std::vector<Shadow>& shadow;
   size_t static_used = 0;
   std::unordered_map<const void*, size_t> static_off;
   uint32_t epoch = 1;
@@ -134,14 +138,16 @@ struct Launch {
 
 Launch* g_launch = nullptr;       // the launch being emulated (one at a time, under g_run_mutex)
 bool g_active = false;            // a fiber runs kernel code: check its memory accesses
-pthread_t g_owner;
+pthread_t g_owner;                // the thread that runs the launch
+uintptr_t g_stack_lo = 0, g_stack_hi = 0;  // the running fiber's stack: accesses there need no check
 
 // The runtime's own code runs unchecked: every entry point kernel code calls pauses the checks (the
 // runtime may call instrumented copies of inline library functions, which must not re-enter the hook).
+#define KDK_EMU_INLINE_NO_CHECK __attribute__((no_sanitize_address, always_inline)) inline
 struct Pause {
   bool was;
-  KDK_EMU_NO_CHECK Pause() : was(g_active) { g_active = false; }
-  KDK_EMU_NO_CHECK ~Pause() { g_active = was; }
+  KDK_EMU_INLINE_NO_CHECK Pause() : was(g_active) { g_active = false; }
+  KDK_EMU_INLINE_NO_CHECK ~Pause() { g_active = was; }
 };
 std::mutex g_run_mutex;
 
@@ -345,16 +351,19 @@ void run_block(Launch& L) {
     t.hi = st + (i + 1) * kStackBytes;
     t.sp = fiber_init(t.hi);
   }
+  // Back to never-written (and NaN bytes: a stray read is loud even unchecked) where earlier blocks of
+  // this launch could have touched; the rest is still as the launch set it up.
   const size_t used = L.dyn + L.static_used;
-  std::fill(L.smem.begin(), L.smem.end(), 0xFF);  // NaN bytes: a stray read is loud even unchecked
-  std::fill(L.shadow.begin(), L.shadow.begin() + std::min(used + kStaticSmemMax, L.shadow.size()),
-            Shadow{-1, -1, -1, 0, 0, 0, 0, 0});
+  std::fill(L.smem.begin(), L.smem.begin() + used, 0xFF);
+  std::fill(L.shadow.begin(), L.shadow.begin() + used, kNeverWritten);
   L.epoch = 1;
   for (;;) {
     bool ran = false;
     for (Thread& t : L.threads) {
       if (t.state != State::kRun) continue;
       L.cur = &t;
+      g_stack_lo = reinterpret_cast<uintptr_t>(t.lo);
+      g_stack_hi = reinterpret_cast<uintptr_t>(t.hi);
       kdk_emu_switch(&L.sched_sp, t.sp);
       ran = true;
       if (!L.error.empty()) return;
@@ -465,8 +474,14 @@ void shared_access(Launch& L, uintptr_t a, size_t n, bool write) {
       << L.static_used << " of static shared memory";
     fail(e.str());
   }
+  const Shadow first = L.shadow[off];
   for (size_t i = 0; i < n; ++i) {
     Shadow& s = L.shadow[off + i];
+    // The bytes of one access almost always share their history: check the first, copy its outcome.
+    if (i > 0 && std::memcmp(&s, &first, sizeof(Shadow)) == 0) {
+      s = L.shadow[off];
+      continue;
+    }
     const char* kind = nullptr;
     int other = -1;
     if (!write && s.writer == -1) kind = "read of shared memory never written in this block";
@@ -525,6 +540,12 @@ KDK_EMU_NO_CHECK void check_access(uintptr_t a, size_t n, bool write) {
   if (!g_active || !pthread_equal(pthread_self(), g_owner)) return;
   Pause p;
   check_impl(a, n, write);
+}
+
+// The hooks' fast path: nothing to check outside kernel code or on the fiber's own stack.
+KDK_EMU_INLINE_NO_CHECK void hook(uintptr_t a, size_t n, bool write) {
+  if (!g_active || (a >= g_stack_lo && a + n <= g_stack_hi)) return;
+  check_access(a, n, write);
 }
 
 // ---- the built-ins -------------------------------------------------------------------------------------
@@ -673,12 +694,14 @@ void run(const void* kernel, dim3 grid, dim3 block, size_t smem, Body body, cons
                      "(cudaFuncSetAttribute MaxDynamicSharedMemorySize is " + std::to_string(opt_in) + ")");
 
   std::lock_guard<std::mutex> run_guard(g_run_mutex);
-  Launch L;
+  static std::vector<unsigned char> smem_buffer;
+  static std::vector<Shadow> shadow_buffer;
+  Launch L{.smem = smem_buffer, .shadow = shadow_buffer};
   L.kernel = kernel; L.name = name; L.grid = grid; L.block = block; L.dyn = smem; L.body = body;
   L.closure = closure; L.nthreads = static_cast<int>(threads);
   L.threads.resize(L.nthreads);
   L.smem.assign(smem + kStaticSmemMax, 0xFF);
-  L.shadow.resize(L.smem.size());
+  L.shadow.assign(L.smem.size(), kNeverWritten);
   g_launch = &L;
   g_owner = pthread_self();
   g_hit_lo = g_hit_hi = 0;
@@ -732,19 +755,21 @@ void reset_launch_counts() {
 
 }  // namespace kdk_emu
 
-// The hooks GCC's -fsanitize=kernel-address (call mode) emits for every load and store.
+// The hooks GCC's -fsanitize=kernel-address (call mode) emits for every load and store; hidden, so the
+// instrumented code of this module calls them directly rather than through the PLT.
+#define KDK_EMU_HIDDEN KDK_EMU_NO_CHECK __attribute__((visibility("hidden")))
 extern "C" {
 #define KDK_EMU_HOOK(n)                                                                                      \
-  KDK_EMU_NO_CHECK void __asan_load##n##_noabort(uintptr_t a) { kdk_emu::check_access(a, n, false); }         \
-  KDK_EMU_NO_CHECK void __asan_store##n##_noabort(uintptr_t a) { kdk_emu::check_access(a, n, true); }
+  KDK_EMU_HIDDEN void __asan_load##n##_noabort(uintptr_t a) { kdk_emu::hook(a, n, false); }                 \
+  KDK_EMU_HIDDEN void __asan_store##n##_noabort(uintptr_t a) { kdk_emu::hook(a, n, true); }
 KDK_EMU_HOOK(1)
 KDK_EMU_HOOK(2)
 KDK_EMU_HOOK(4)
 KDK_EMU_HOOK(8)
 KDK_EMU_HOOK(16)
 #undef KDK_EMU_HOOK
-KDK_EMU_NO_CHECK void __asan_loadN_noabort(uintptr_t a, size_t n) { kdk_emu::check_access(a, n, false); }
-KDK_EMU_NO_CHECK void __asan_storeN_noabort(uintptr_t a, size_t n) { kdk_emu::check_access(a, n, true); }
+KDK_EMU_HIDDEN void __asan_loadN_noabort(uintptr_t a, size_t n) { kdk_emu::hook(a, n, false); }
+KDK_EMU_HIDDEN void __asan_storeN_noabort(uintptr_t a, size_t n) { kdk_emu::hook(a, n, true); }
 void __asan_handle_no_return() {}
 void __asan_before_dynamic_init(const char*) {}
 void __asan_after_dynamic_init() {}

@@ -36,7 +36,10 @@ template <class Use, int M, int N, int K, class T, class Layout = void> struct f
   typename elem<T>::type x[num_elements];  // row-major rows x cols
 };
 
-template <class F, class T> void fill_fragment(F& f, T v) {
+// Fragments are registers: their arithmetic is not memory traffic, so it is not checked (and runs faster).
+#define KDK_EMU_REGS __attribute__((no_sanitize_address))
+
+template <class F, class T> KDK_EMU_REGS void fill_fragment(F& f, T v) {
   for (auto& e : f.x) e = v;
 }
 
@@ -51,7 +54,7 @@ void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ldm)
 }
 
 template <int M, int N, int K, class TA, class TB, class LA, class LB>
-void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+KDK_EMU_REGS void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
               const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
   float out[M * N];
   for (int i = 0; i < M; ++i)
