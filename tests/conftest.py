@@ -63,6 +63,11 @@ def emu_skip(device, why):
         pytest.skip(f"emulated: {why}")
 
 
+def emu_size(device, full, emulated):
+    """A problem size: `full`, or the smaller `emulated` (still spanning several tiles) on the emulator."""
+    return emulated if getattr(device, "emulated", False) else full
+
+
 _emu_passed = collections.Counter()
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kdkernels
-from conftest import emu_skip
+from conftest import emu_size, emu_skip
 from kdkernels import _ops
 from kdkernels.reference import token_contrastive_loss_ref, token_relation_loss_ref, token_sample_ref
 
@@ -105,11 +105,12 @@ def test_relation_matches_reference(device, loss, similarity, dtype):
 
 
 @pytest.mark.parametrize("loss", ["kl", "mse"])
-@pytest.mark.parametrize("T", [300, 600])
+@pytest.mark.parametrize("T", [70, 300, 600])
 def test_relation_multi_block(device, loss, T):
-    # several 256-token blocks on the CPU (pairs of blocks spread over the workers), ragged lengths
-    if T > 300:
-        emu_skip(device, "T = 300 already spans 10 x 10 float64 tiles")
+    # several 256-token blocks on the CPU (pairs of blocks spread over the workers), ragged lengths; on the
+    # CUDA path T = 70 already spans 3 x 3 float64 tiles of 32 tokens
+    if T > 70:
+        emu_skip(device, "T = 70 covers the multi-tile paths; larger T only costs emulation time")
     B, D = 2, 8
     s, t = feats(B, T, D, device=device), feats(B, T, 2 * D, device=device)
     m = torch.ones(B, T, dtype=torch.bool)
@@ -300,9 +301,10 @@ def test_contrastive_matches_reference(device, similarity, dtype):
 
 
 def test_contrastive_multi_block(device):
-    s, t = feats(1, 700, 6, device=device), feats(1, 700, 6, device=device)
+    T = emu_size(device, 700, 100)  # 100: 4 x 4 float64 tiles
+    s, t = feats(1, T, 6, device=device), feats(1, T, 6, device=device)
     check_against_reference(kdkernels.token_contrastive_loss, token_contrastive_loss_ref, s, t, torch.float64,
-                            teacher=True, tau=0.5, teacher_grad=True, mask=padding_mask(1, 700, device))
+                            teacher=True, tau=0.5, teacher_grad=True, mask=padding_mask(1, T, device))
 
 
 # ---------------------------------------------------------------------------------------------
