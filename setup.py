@@ -3,6 +3,7 @@ import glob
 import os
 import shutil
 import site
+import subprocess
 import sys
 
 from setuptools import setup
@@ -107,7 +108,23 @@ ext_modules = [ext]
 # csrc/emu (built when KDKERNELS_EMU=1; the test suite's `emu` marker runs the CUDA test cases on it).
 # -fsanitize=kernel-address in call mode makes every load and store call the emulator's checks; no
 # sanitizer runtime is linked. -Dkdk=... keeps its symbols apart from kdkernels._C's.
-if os.environ.get("KDKERNELS_EMU", "0") == "1":
+def _emu_supported():
+    """The emulator switches fibers with x86-64 assembly and needs GCC's kernel-address instrumentation."""
+    import platform
+    import sysconfig
+    cc = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    try:
+        version = subprocess.run([cc.split()[0], "--version"], capture_output=True, text=True).stdout.lower()
+    except OSError:
+        return False
+    return platform.machine() in ("x86_64", "AMD64") and "clang" not in version and (
+        "gcc" in version or "free software foundation" in version)
+
+
+if os.environ.get("KDKERNELS_EMU", "0") == "1" and not _emu_supported():
+    print("kdkernels: KDKERNELS_EMU=1 ignored: the CUDA emulator needs x86-64 and GCC; building without it",
+          file=sys.stderr)
+elif os.environ.get("KDKERNELS_EMU", "0") == "1":
     emu_flags = ["-O2", "-DKDK_EMU", "-Dkdk=kdk_on_emu", "-fsanitize=kernel-address",
                  "--param=asan-instrumentation-with-call-threshold=0", "--param=asan-stack=0",
                  "--param=asan-globals=0", "-fno-sanitize-address-use-after-scope", "-fno-omit-frame-pointer"]

@@ -22,13 +22,18 @@ def run(check, n=40):
     return torch.ops.kdkernels_emu.emu_selftest(check, torch.randn(n))
 
 
-@pytest.mark.parametrize("check", ["shared_ok", "warp_sync_ok", "global_ok", "launch_bounds_ok", "smem_optin_ok"])
+@pytest.mark.parametrize("check", ["shared_ok", "warp_sync_ok", "global_ok", "launch_bounds_ok", "smem_optin_ok",
+                                   "atomic_ok", "divergent_syncwarp_ok", "shfl_width_ok"])
 def test_correct_kernels_pass(emu, check):
     out = run(check)
     if check == "shared_ok":  # each thread read its neighbour's value
         assert torch.equal(out[:128], (torch.arange(128) + 1).remainder(128).float())
-    if check == "warp_sync_ok":
+    if check in ("warp_sync_ok", "divergent_syncwarp_ok"):
         assert torch.equal(out[:128], (torch.arange(128) ^ 1).float())
+    if check == "atomic_ok":  # 128 atomic adds, then everyone sees the total
+        assert torch.equal(out[:128], torch.full((128,), 128.0))
+    if check == "shfl_width_ok":  # butterfly within 16-lane groups
+        assert torch.equal(out[:64], (torch.arange(64) ^ 8).float())
 
 
 KERNEL = r"kdk_on_emu::selftest_\w+_kernel"
@@ -39,6 +44,8 @@ BROKEN = [
     ("race_waw", r"shared-memory race \(write after write\)"),
     ("race_war", r"shared-memory race \(write after read\)"),
     ("race_warp", r"shared-memory race \(read after write\)"),
+    ("race_atomic", r"shared-memory race \(atomic with a plain access\)"),  # thread 0 read before thread 1's add
+    ("race_war_reread", r"shared-memory race \(write after read\)"),
     ("uninit", r"read of shared memory never written in this block: 4 bytes at shared offset 0 "),
     ("shared_oob", r"shared-memory out-of-bounds read of 4 bytes at offset 512 .*512 bytes of dynamic"),
     ("global_read_oob", r"global-memory out-of-bounds read of 4 bytes at 0x[0-9a-f]+, outside every tensor"),

@@ -6,7 +6,8 @@
 // fibers, so a block runs deterministically. Emulated translation units are compiled with
 // -fsanitize=kernel-address in call mode: every load and store calls the runtime, which checks it against
 // the block's shared memory (races, never-written bytes), the fiber's stack, and the global allocations
-// the op may touch (out-of-bounds). The runtime itself is not instrumented.
+// the op may touch (out-of-bounds). The runtime is built the same way: every entry point kernel code
+// calls is itself unchecked (KDK_EMU_NO_CHECK) and pauses the checks while it runs.
 #pragma once
 #include <cmath>
 #include <cstddef>

@@ -1,5 +1,6 @@
 // The emulator's runtime: fibers and their scheduler, barriers and warp collectives, launch-limit checks,
-// shared-memory race / never-written checks, global bounds checks and the tracking allocator. Not instrumented.
+// shared-memory race / never-written checks, global bounds checks and the tracking allocator. Compiled like
+// the kernels; what kernel code calls is unchecked and pauses the checks (Pause), so it never re-enters them.
 #include <cxxabi.h>
 #include <dlfcn.h>
 #include <pthread.h>
@@ -7,6 +8,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -109,7 +111,7 @@ struct Shadow {
   int16_t writer;   // thread id, -1: never written in this block
   int16_t reader;   // thread id, -1: none, -2: several in warp rwarp (lanes r_lanes), -3: several warps
   int16_t rwarp;
-  int16_t pad;      // explicit, so whole shadows compare with memcmp
+  int16_t atomic;   // the last write was an atomic: 1 of one thread, 2 of several since the last barrier
   uint32_t w_epoch, w_clock, r_epoch, r_clock, r_lanes;
 };
 
@@ -130,6 +132,10 @@ struct Launch {
   // launches do not pay for fresh pages
   std::vector<unsigned char>& smem;
   std::vector<Shadow>& shadow;
+  unsigned char* base = nullptr;  // 256-byte aligned start of shared memory (dynamic first)
+  size_t span = 0;                 // bytes from base the shadow covers
+  size_t static0 = 0;              // offset of the static area: after the dynamic part and a 256-byte gap
+  size_t opt_in = 0;               // the most dynamic + static shared memory this launch may use
   size_t static_used = 0;
   std::unordered_map<const void*, size_t> static_off;
   uint32_t epoch = 1;
@@ -258,85 +264,106 @@ std::string state_str(const Thread& t) {
   }
 }
 
+// The source lane of a shuffle, as PTX shfl.sync computes it (the lane/offset operand's low 5 bits; a source
+// outside the allowed range returns the caller's own value).
 int shfl_src(const Thread& t) {
-  const int w = t.width, base = t.lane & ~(w - 1), rel = t.lane - base;
+  const int w = t.width, base = t.lane & ~(w - 1), rel = t.lane - base, arg = t.arg & 31;
   switch (t.kind) {
-    case Shfl::kIdx: return base + (t.arg & (w - 1));
-    case Shfl::kXor: { const int s = t.lane ^ t.arg; return (s & ~(w - 1)) == base ? s : t.lane; }
-    case Shfl::kUp: return rel - t.arg >= 0 ? t.lane - t.arg : t.lane;
-    default: return rel + t.arg < w ? t.lane + t.arg : t.lane;
+    case Shfl::kIdx: return base + (arg & (w - 1));
+    case Shfl::kXor: { const int s = t.lane ^ arg; return s <= base + w - 1 ? s : t.lane; }
+    case Shfl::kUp: return rel - arg >= 0 ? t.lane - arg : t.lane;
+    default: return rel + arg < w ? t.lane + arg : t.lane;
   }
 }
 
-// Completes every warp collective whose lanes have all arrived; false if none could. A collective whose
-// mask names a lane that is elsewhere (exited, at a barrier, in another collective) is an error.
+// Why t's collective cannot complete now ("" if every lane of its mask has arrived at the same one).
+std::string pending_reason(const Launch& L, const Thread& t) {
+  const int base = t.warp * 32;
+  std::ostringstream err;
+  if (!lane_in(t.mask, t.lane)) {
+    err << "lane " << t.lane << " calls " << op_name(t.op, t.kind) << " with mask 0x" << std::hex << t.mask
+        << " that does not include itself";
+    return err.str();
+  }
+  for (int j = 0; j < 32; ++j) {
+    if (!lane_in(t.mask, j)) continue;
+    if (base + j >= L.nthreads) {
+      err << op_name(t.op, t.kind) << " mask 0x" << std::hex << t.mask << " names lane " << std::dec << j
+          << ", which does not exist in a block of " << L.nthreads << " threads";
+      return err.str();
+    }
+    const Thread& u = L.threads[base + j];
+    if (u.state != State::kWarp || u.op != t.op || u.kind != t.kind || u.mask != t.mask) {
+      err << "lane " << t.lane << " calls " << op_name(t.op, t.kind) << " with mask 0x" << std::hex << t.mask
+          << " but lane " << std::dec << j << " " << state_str(u);
+      return err.str();
+    }
+  }
+  return "";
+}
+
+// Completes t's collective (every lane of its mask has arrived); false with L.error set on a bad shuffle.
+bool complete(Launch& L, const Thread& t) {
+  const int base = t.warp * 32;
+  const unsigned mask = t.mask;
+  const WarpOp op = t.op;
+  uint64_t ballot = 0;
+  std::array<uint32_t, 32> merged{};
+  for (int j = 0; j < 32; ++j) {
+    if (!lane_in(mask, j)) continue;
+    Thread& u = L.threads[base + j];
+    ballot |= uint64_t(u.pred) << j;
+    if (op == WarpOp::kSync) {
+      u.vc[j] = ++u.clock;
+      for (int i = 0; i < 32; ++i) merged[i] = std::max(merged[i], u.vc[i]);
+    }
+  }
+  for (int j = 0; j < 32; ++j) {
+    if (!lane_in(mask, j)) continue;
+    Thread& u = L.threads[base + j];
+    if (op == WarpOp::kShfl) {
+      const int src = shfl_src(u);
+      if (!lane_in(mask, src)) {
+        L.cur = &u;
+        std::ostringstream e;
+        e << "kdkernels emulator: lane " << j << " reads lane " << src << " in " << op_name(op, u.kind)
+          << ", which is not in the mask 0x" << std::hex << mask << " (" << where(L, &u) << ")";
+        L.error = e.str();
+        return false;
+      }
+      u.out = L.threads[base + src].in;
+    } else if (op == WarpOp::kBallot) {
+      u.out = ballot;
+    } else {
+      u.vc = merged;
+    }
+  }
+  for (int j = 0; j < 32; ++j)
+    if (lane_in(mask, j)) {
+      L.threads[base + j].state = State::kRun;
+      L.threads[base + j].op = WarpOp::kNone;
+    }
+  return true;
+}
+
+// Completes every warp collective whose lanes have all arrived (a warp may have several pending, e.g.
+// __syncwarp(mask) in both branches of a divergent if); true if any did. When none can, a pending one is a
+// mask mismatch: some lane of its mask has exited, waits at a barrier or in another collective.
 bool resolve_warps(Launch& L) {
   bool any = false;
-  for (Thread& t : L.threads) {
-    if (t.state != State::kWarp) continue;
-    const int base = t.warp * 32;
-    std::ostringstream err;
-    if (!lane_in(t.mask, t.lane)) {
-      err << "lane " << t.lane << " calls " << op_name(t.op, t.kind) << " with mask 0x" << std::hex << t.mask
-          << " that does not include itself";
+  for (Thread& t : L.threads)
+    if (t.state == State::kWarp && pending_reason(L, t).empty()) {
+      if (!complete(L, t)) return false;
+      any = true;
     }
-    for (int j = 0; j < 32 && err.str().empty(); ++j) {
-      if (!lane_in(t.mask, j)) continue;
-      if (base + j >= L.nthreads) {
-        err << op_name(t.op, t.kind) << " mask 0x" << std::hex << t.mask << " names lane " << std::dec << j
-            << ", which does not exist in a block of " << L.nthreads << " threads";
-        break;
-      }
-      const Thread& u = L.threads[base + j];
-      if (u.state != State::kWarp || u.op != t.op || u.kind != t.kind || u.mask != t.mask)
-        err << "lane " << t.lane << " calls " << op_name(t.op, t.kind) << " with mask 0x" << std::hex << t.mask
-            << " but lane " << std::dec << j << " " << state_str(u);
-    }
-    if (!err.str().empty()) {
+  if (any) return true;
+  for (Thread& t : L.threads)
+    if (t.state == State::kWarp) {
       L.cur = &t;
-      L.error = "kdkernels emulator: warp collective mask mismatch: " + err.str() + " (" + where(L, &t) + ")";
+      L.error = "kdkernels emulator: warp collective mask mismatch: " + pending_reason(L, t) + " (" + where(L, &t) + ")";
       return false;
     }
-    // Every lane of the mask is here: complete the collective.
-    uint64_t ballot = 0;
-    std::array<uint32_t, 32> merged{};
-    for (int j = 0; j < 32; ++j) {
-      if (!lane_in(t.mask, j)) continue;
-      Thread& u = L.threads[base + j];
-      ballot |= uint64_t(u.pred) << j;
-      if (t.op == WarpOp::kSync) {
-        u.vc[j] = ++u.clock;
-        for (int i = 0; i < 32; ++i) merged[i] = std::max(merged[i], u.vc[i]);
-      }
-    }
-    for (int j = 0; j < 32; ++j) {
-      if (!lane_in(t.mask, j)) continue;
-      Thread& u = L.threads[base + j];
-      if (t.op == WarpOp::kShfl) {
-        const int src = shfl_src(u);
-        if (!lane_in(t.mask, src)) {
-          L.cur = &u;
-          std::ostringstream e;
-          e << "kdkernels emulator: lane " << j << " reads lane " << src << " in " << op_name(t.op, t.kind)
-            << ", which is not in the mask 0x" << std::hex << t.mask << " (" << where(L, &u) << ")";
-          L.error = e.str();
-          return false;
-        }
-        u.out = L.threads[base + src].in;
-      } else if (t.op == WarpOp::kBallot) {
-        u.out = ballot;
-      } else {
-        u.vc = merged;
-      }
-    }
-    for (int j = 0; j < 32; ++j)
-      if (lane_in(t.mask, j)) {
-        L.threads[base + j].state = State::kRun;
-        L.threads[base + j].op = WarpOp::kNone;
-      }
-    any = true;
-  }
-  return any;
+  return false;
 }
 
 void run_block(Launch& L) {
@@ -353,8 +380,8 @@ void run_block(Launch& L) {
   }
   // Back to never-written (and NaN bytes: a stray read is loud even unchecked) where earlier blocks of
   // this launch could have touched; the rest is still as the launch set it up.
-  const size_t used = L.dyn + L.static_used;
-  std::fill(L.smem.begin(), L.smem.begin() + used, 0xFF);
+  const size_t used = L.static0 + L.static_used;
+  std::fill(L.base, L.base + used, 0xFF);
   std::fill(L.shadow.begin(), L.shadow.begin() + used, kNeverWritten);
   L.epoch = 1;
   for (;;) {
@@ -414,13 +441,17 @@ void remove_range(uintptr_t lo) {
 bool global_ok(uintptr_t a, size_t n) {
   if (a >= g_hit_lo && a + n <= g_hit_hi) return true;
   std::lock_guard<std::mutex> g(g_mem_mutex);
+  // The nearest lower start first, then further back: storages may nest (views of one numpy buffer).
   auto it = g_ranges.upper_bound(a);
-  if (it == g_ranges.begin()) return false;
-  --it;
-  if (a + n > it->second.end) return false;
-  g_hit_lo = it->first;
-  g_hit_hi = it->second.end;
-  return true;
+  for (int steps = 0; it != g_ranges.begin() && steps < 64; ++steps) {
+    --it;
+    if (a + n <= it->second.end) {
+      g_hit_lo = it->first;
+      g_hit_hi = it->second.end;
+      return true;
+    }
+  }
+  return false;
 }
 
 // Tensors allocated while an emulated op runs: 256-byte red zones on both sides, tracked until freed.
@@ -429,20 +460,25 @@ void tracked_free(void* base) {
   remove_range(reinterpret_cast<uintptr_t>(base) + kRedZone);
   c10::free_cpu(base);
 }
+// Installed once as the CPU allocator; it tracks only while an emulated op runs on the thread that runs
+// it, and hands every other allocation to the allocator it replaced.
+std::atomic<int> g_scope_depth{0};
+pthread_t g_scope_owner;
+c10::Allocator* g_next_alloc = nullptr;
+
 struct TrackingAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
+    if (g_scope_depth.load() == 0 || !pthread_equal(pthread_self(), g_scope_owner)) return g_next_alloc->allocate(n);
     auto* base = static_cast<unsigned char*>(c10::alloc_cpu(n + 2 * kRedZone));
     unsigned char* p = base + kRedZone;
     add_range(reinterpret_cast<uintptr_t>(p), reinterpret_cast<uintptr_t>(p + n));
     return {p, base, &tracked_free, c10::Device(c10::DeviceType::CPU)};
   }
-  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  // Raw users (oneDNN's scratch buffers) free with this; their allocations are never tracked ones.
+  c10::DeleterFnPtr raw_deleter() const override { return g_next_alloc->raw_deleter(); }
   void copy_data(void* dst, const void* src, size_t n) const override { default_copy_data(dst, src, n); }
 };
 TrackingAllocator g_tracking;
-c10::Allocator* g_saved_alloc = nullptr;
-int g_scope_depth = 0;
-constexpr uint8_t kAllocPriority = 100;
 
 // ---- shared memory checks ----------------------------------------------------------------------------
 bool ordered_after_write(const Launch& L, const Shadow& s, const Thread& t) {
@@ -460,13 +496,11 @@ bool ordered_after_reads(const Launch& L, const Shadow& s, const Thread& t) {
   return true;
 }
 
-void shared_access(Launch& L, uintptr_t a, size_t n, bool write) {
-  Thread& t = *L.cur;
-  const uintptr_t base = reinterpret_cast<uintptr_t>(L.smem.data());
-  const size_t off = a - base;
-  const size_t stat0 = L.dyn;
+// The offset of an access inside the block's dynamic or static shared memory; out of both, an error.
+size_t shared_offset(Launch& L, uintptr_t a, size_t n, bool write) {
+  const size_t off = a - reinterpret_cast<uintptr_t>(L.base);
   const bool in_dyn = off + n <= L.dyn;
-  const bool in_static = off >= stat0 && off + n <= stat0 + L.static_used;
+  const bool in_static = off >= L.static0 && off + n <= L.static0 + L.static_used;
   if (!in_dyn && !in_static) {
     std::ostringstream e;
     e << "shared-memory out-of-bounds " << (write ? "write" : "read") << " of " << n << " bytes at offset " << off
@@ -474,6 +508,12 @@ void shared_access(Launch& L, uintptr_t a, size_t n, bool write) {
       << L.static_used << " of static shared memory";
     fail(e.str());
   }
+  return off;
+}
+
+void shared_access(Launch& L, uintptr_t a, size_t n, bool write) {
+  Thread& t = *L.cur;
+  const size_t off = shared_offset(L, a, n, write);
   const Shadow first = L.shadow[off];
   for (size_t i = 0; i < n; ++i) {
     Shadow& s = L.shadow[off + i];
@@ -485,7 +525,7 @@ void shared_access(Launch& L, uintptr_t a, size_t n, bool write) {
     const char* kind = nullptr;
     int other = -1;
     if (!write && s.writer == -1) kind = "read of shared memory never written in this block";
-    else if (s.writer >= 0 && !ordered_after_write(L, s, t)) {
+    else if (s.writer >= 0 && (!ordered_after_write(L, s, t) || (s.atomic == 2 && s.w_epoch == L.epoch))) {
       kind = write ? "shared-memory race (write after write)" : "shared-memory race (read after write)";
       other = s.writer;
     } else if (write && !ordered_after_reads(L, s, t)) {
@@ -505,16 +545,38 @@ void shared_access(Launch& L, uintptr_t a, size_t n, bool write) {
       s.w_clock = t.clock;
       s.r_epoch = 0;
       s.reader = -1;
+      s.atomic = 0;
     } else if (s.r_epoch < L.epoch || s.reader == -1) {
       s.reader = static_cast<int16_t>(t.id); s.rwarp = static_cast<int16_t>(t.warp);
       s.r_epoch = L.epoch; s.r_clock = t.clock; s.r_lanes = 1u << t.lane;
-    } else if (s.reader != t.id) {
+    } else if (s.reader == t.id) {
+      s.r_clock = t.clock;  // its latest read is the one a later writer must be ordered after
+    } else {
       if (s.reader != -3 && s.rwarp == t.warp) {
         s.reader = -2; s.r_lanes |= 1u << t.lane; s.r_clock = std::max(s.r_clock, t.clock);
       } else {
         s.reader = -3;
       }
     }
+  }
+}
+
+// An atomic read-modify-write of shared memory: ordered with other atomics on the same bytes, but a race
+// with plain writes and reads of other threads since the last barrier both passed.
+void atomic_shared(Launch& L, uintptr_t a, size_t n) {
+  Thread& t = *L.cur;
+  const size_t off = shared_offset(L, a, n, true);
+  for (size_t i = 0; i < n; ++i) {
+    Shadow& s = L.shadow[off + i];
+    if (s.writer == -1) fail("read of shared memory never written in this block: an atomic on " + std::to_string(n) +
+                             " bytes at shared offset " + std::to_string(off));
+    const bool after_atomic = s.atomic && s.w_epoch == L.epoch;
+    if ((!after_atomic && !ordered_after_write(L, s, t)) || !ordered_after_reads(L, s, t))
+      fail("shared-memory race (atomic with a plain access): " + std::to_string(n) + " bytes at shared offset " +
+           std::to_string(off) + ", touched by another thread with no barrier both passed");
+    const int16_t several = after_atomic && (s.writer != t.id || s.atomic == 2) ? 2 : 1;
+    s.writer = static_cast<int16_t>(t.id); s.w_epoch = L.epoch; s.w_clock = t.clock;
+    s.r_epoch = 0; s.reader = -1; s.atomic = several;
   }
 }
 
@@ -526,8 +588,8 @@ void check_impl(uintptr_t a, size_t n, bool write) {
   Launch& L = *g_launch;
   const Thread& t = *L.cur;
   if (a >= reinterpret_cast<uintptr_t>(t.lo) && a + n <= reinterpret_cast<uintptr_t>(t.hi)) return;
-  const uintptr_t s0 = reinterpret_cast<uintptr_t>(L.smem.data());
-  if (a + n > s0 && a < s0 + L.smem.size()) return shared_access(L, a, n, write);
+  const uintptr_t s0 = reinterpret_cast<uintptr_t>(L.base);
+  if (a + n > s0 && a < s0 + L.span) return shared_access(L, a, n, write);
   if (global_ok(a, n)) return;
   std::ostringstream e;
   e << "global-memory out-of-bounds " << (write ? "write" : "read") << " of " << n << " bytes at 0x" << std::hex << a
@@ -555,7 +617,7 @@ KDK_EMU_NO_CHECK dim3 block_dim() { return g_launch->block; }
 KDK_EMU_NO_CHECK dim3 grid_dim() { return g_launch->grid; }
 KDK_EMU_NO_CHECK unsigned char* dynamic_smem() {
   Pause p;
-  return g_launch->smem.data();
+  return g_launch->base;
 }
 
 KDK_EMU_NO_CHECK unsigned char* static_smem(const void* key, size_t bytes, size_t align) {
@@ -569,17 +631,17 @@ KDK_EMU_NO_CHECK unsigned char* static_smem(const void* key, size_t bytes, size_
       e << "launch limit: static shared memory of " << off + bytes << " bytes exceeds " << kStaticSmemMax;
       fail(e.str());
     }
-    const size_t limit = L.dyn + off + bytes;
-    if (limit > device().max_smem_optin) {
+    if (L.dyn + off + bytes > L.opt_in) {
       std::ostringstream e;
       e << "launch limit: " << L.dyn << " bytes of dynamic plus " << off + bytes
-        << " of static shared memory exceed the device's " << device().max_smem_optin;
+        << " of static shared memory exceed the " << L.opt_in << " the kernel may use (48 KiB without the opt-in "
+        << "attribute, else the attribute, at most the device's " << device().max_smem_optin << ")";
       fail(e.str());
     }
     it = L.static_off.emplace(key, off).first;
     L.static_used = off + bytes;
   }
-  return L.smem.data() + L.dyn + it->second;
+  return L.base + L.static0 + it->second;
 }
 
 KDK_EMU_NO_CHECK void syncthreads() {
@@ -627,14 +689,9 @@ KDK_EMU_NO_CHECK void atomic_add(void* addr, const void* val, void* old, int kin
   const size_t n = sizes[kind];
   const auto a = reinterpret_cast<uintptr_t>(addr);
   Launch& L = *g_launch;
-  const uintptr_t s0 = reinterpret_cast<uintptr_t>(L.smem.data());
-  if (a + n > s0 && a < s0 + L.smem.size()) {
-    // Atomics do not race with each other: check the bytes were written, then record this thread.
-    shared_access(L, a, n, false);
-    for (size_t i = 0; i < n; ++i) {
-      Shadow& s = L.shadow[a - s0 + i];
-      s.writer = static_cast<int16_t>(L.cur->id); s.w_epoch = L.epoch; s.w_clock = L.cur->clock; s.r_epoch = 0;
-    }
+  const uintptr_t s0 = reinterpret_cast<uintptr_t>(L.base);
+  if (a + n > s0 && a < s0 + L.span) {
+    atomic_shared(L, a, n);
   } else {
     check_impl(a, n, true);
   }
@@ -700,8 +757,12 @@ void run(const void* kernel, dim3 grid, dim3 block, size_t smem, Body body, cons
   L.kernel = kernel; L.name = name; L.grid = grid; L.block = block; L.dyn = smem; L.body = body;
   L.closure = closure; L.nthreads = static_cast<int>(threads);
   L.threads.resize(L.nthreads);
-  L.smem.assign(smem + kStaticSmemMax, 0xFF);
-  L.shadow.assign(L.smem.size(), kNeverWritten);
+  L.static0 = (smem + 255) / 256 * 256 + 256;
+  L.span = L.static0 + kStaticSmemMax;
+  L.opt_in = opt_in;
+  L.smem.assign(L.span + 256, 0xFF);
+  L.base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(L.smem.data()) + 255) & ~uintptr_t(255));
+  L.shadow.assign(L.span, kNeverWritten);
   g_launch = &L;
   g_owner = pthread_self();
   g_hit_lo = g_hit_hi = 0;
@@ -722,17 +783,17 @@ void run(const void* kernel, dim3 grid, dim3 block, size_t smem, Body body, cons
 
 // ---- ops ----------------------------------------------------------------------------------------------
 OpScope::OpScope() {
-  std::lock_guard<std::mutex> g(g_mem_mutex);
-  if (g_scope_depth++ == 0) {
-    g_saved_alloc = c10::GetCPUAllocator();
-    c10::SetCPUAllocator(&g_tracking, kAllocPriority);
-  }
+  static std::once_flag installed;
+  std::call_once(installed, [] {
+    g_next_alloc = c10::GetCPUAllocator();
+    c10::SetCPUAllocator(&g_tracking, /*priority=*/0);  // the default's priority: a user's own allocator wins
+  });
+  if (g_scope_depth++ == 0) g_scope_owner = pthread_self();
 }
 
 OpScope::~OpScope() {
   for (auto& r : ranges) remove_range(r.first);
-  std::lock_guard<std::mutex> g(g_mem_mutex);
-  if (--g_scope_depth == 0) c10::SetCPUAllocator(g_saved_alloc, kAllocPriority);
+  --g_scope_depth;
 }
 
 void OpScope::add(const at::Tensor& t) {

@@ -60,6 +60,37 @@ __global__ void selftest_shared_kernel(SelftestArgs a) {
     case 7:  // past the end of the block's dynamic shared memory
       a.out[t] = s[blockDim.x + t];
       break;
+    case 8:  // shared atomics: every thread adds to one counter, a barrier, everyone reads it: correct
+      if (t == 0) s[0] = 0.f;
+      __syncthreads();
+      atomicAdd(&s[0], 1.f);
+      __syncthreads();
+      a.out[t] = s[0];
+      break;
+    case 9:  // an atomic's result read without a barrier
+      if (t == 0) s[0] = 0.f;
+      __syncthreads();
+      atomicAdd(&s[0], 1.f);
+      a.out[t] = s[0];
+      break;
+    case 10:  // divergent halves of a warp, each synchronising only itself: correct
+      s[t] = float(t);
+      if ((t & 31) < 16) {
+        __syncwarp(0x0000ffffu);
+        a.out[t] = s[t ^ 1];
+      } else {
+        __syncwarp(0xffff0000u);
+        a.out[t] = s[t ^ 1];
+      }
+      break;
+    case 11:  // lane 0 reads twice around a __syncwarp, then lane 1 overwrites with no sync after the second read
+      s[t] = float(t);
+      __syncthreads();
+      if ((t & 31) == 0) a.out[t] = s[t];
+      __syncwarp();
+      if ((t & 31) == 0) a.out[t] += s[t];
+      if ((t & 31) == 1) s[t - 1] = 0.f;
+      break;
     default: break;
   }
 }
@@ -86,6 +117,9 @@ __global__ void selftest_global_kernel(SelftestArgs a) {
     case 4:  // a shuffle that reads a lane outside its mask
       if ((t & 31) < 16) a.out[t] = __shfl_sync(0x0000ffffu, 1.f, 20);
       break;
+    case 5:  // butterfly shuffles within groups of 16 lanes: correct (each lane gets lane ^ 8's value)
+      a.out[t] = __shfl_xor_sync(0xffffffffu, float(t), 8, 16);
+      break;
     default: break;
   }
 }
@@ -104,15 +138,17 @@ at::Tensor emu_selftest(c10::string_view check_sv, const at::Tensor& x) {
   SelftestArgs a{x.data_ptr<float>(), x.numel(), out.data_ptr<float>(), 0};
   const size_t smem = 128 * sizeof(float);
   static const char* shared[] = {"shared_ok", "race_raw", "race_waw", "race_war", "uninit", "warp_sync_ok",
-                                 "race_warp", "shared_oob"};
-  for (int i = 0; i < 8; ++i)
+                                 "race_warp", "shared_oob", "atomic_ok", "race_atomic", "divergent_syncwarp_ok",
+                                 "race_war_reread"};
+  for (int i = 0; i < 12; ++i)
     if (check == shared[i]) {
       a.mode = i;
       launch(selftest_shared_kernel, 2, 128, smem, a);
       return out;
     }
-  static const char* global[] = {"global_ok", "global_read_oob", "global_write_oob", "shfl_mask", "shfl_lane"};
-  for (int i = 0; i < 5; ++i)
+  static const char* global[] = {"global_ok", "global_read_oob", "global_write_oob", "shfl_mask", "shfl_lane",
+                                 "shfl_width_ok"};
+  for (int i = 0; i < 6; ++i)
     if (check == global[i]) {
       a.mode = i;
       launch(selftest_global_kernel, 1, 64, 0, a);
