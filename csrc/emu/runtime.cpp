@@ -118,7 +118,6 @@ struct Shadow {
 constexpr Shadow kNeverWritten{-1, -1, -1, 0, 0, 0, 0, 0, 0};
 
 struct Launch {
-  const void* kernel = nullptr;
   std::string name;
   dim3 grid, block, bidx;
   size_t dyn = 0;
@@ -754,7 +753,7 @@ void run(const void* kernel, dim3 grid, dim3 block, size_t smem, Body body, cons
   static std::vector<unsigned char> smem_buffer;
   static std::vector<Shadow> shadow_buffer;
   Launch L{.smem = smem_buffer, .shadow = shadow_buffer};
-  L.kernel = kernel; L.name = name; L.grid = grid; L.block = block; L.dyn = smem; L.body = body;
+  L.name = name; L.grid = grid; L.block = block; L.dyn = smem; L.body = body;
   L.closure = closure; L.nthreads = static_cast<int>(threads);
   L.threads.resize(L.nthreads);
   L.static0 = (smem + 255) / 256 * 256 + 256;
