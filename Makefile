@@ -28,9 +28,12 @@ build: $(VENV)/.built
 demo: $(VENV)/.built
 	$(PY) -m kdkernels demo $(DEMO_ARGS)
 
-# The optional [hf] extra too, so the Hugging Face integration is tested rather than skipped.
+# The optional [hf] and [peers] extras too, so the Hugging Face integration and the peers' conventions
+# (docs/conventions.md) are tested rather than skipped; the installed torch is pinned so no peer moves it.
 $(VENV)/.testdeps: $(VENV)/.deps
-	$(PY) -m pip install -q "transformers>=4.48" "accelerate>=0.26"
+	$(PY) -m pip freeze | grep -i '^torch==' > $(VENV)/torch-pin.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt "transformers>=4.48" "accelerate>=0.26" \
+		"trl>=1.16" "POT>=0.9.7" "nvidia-modelopt>=0.47" requests "megatron-core>=0.16"
 	touch $@
 
 test: $(VENV)/.built $(VENV)/.testdeps

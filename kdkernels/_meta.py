@@ -62,7 +62,7 @@ def _topk_kl_fwd_fake(logits, values, indices, row_mask, mode, divergence, param
     k = 0 if mode == "dense" else values.shape[1]
     acc = _acc_dtype(logits)
     return (logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=acc),
-            logits.new_empty((n, k), dtype=acc), logits.new_empty((n, 2), dtype=acc))
+            logits.new_empty((n, k), dtype=acc), logits.new_empty((n, 4), dtype=acc))
 
 
 @_fake("topk_kl_bwd")
@@ -71,7 +71,7 @@ def _topk_kl_bwd_fake(grad_loss, logits, values, indices, lse, coef, stat, mode,
     check_topk_options(mode, divergence, param, temperature, values_are_logprobs)
     n, k, acc = logits.shape[0], 0 if mode == "dense" else values.shape[1], _acc_dtype(logits)
     for name, t, shape, exact in (("grad_loss", grad_loss, (n,), False), ("lse", lse, (n,), True),
-                                  ("coef", coef, (n, k), True), ("stat", stat, (n, 2), True)):
+                                  ("coef", coef, (n, k), True), ("stat", stat, (n, 4), True)):
         if t.device != logits.device:
             _fail(f"{name} must be on the device of logits ({logits.device}): got {t.device}")
         if tuple(t.shape) != shape:

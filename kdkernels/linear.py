@@ -113,7 +113,7 @@ class LinearTopKKLRows(torch.autograd.Function):
             parts.append(core.fwd(z, values[a:b], _sl(ids, a, b), _sl(valid, a, b)))
             del z
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        empty = [hidden.new_zeros(s, dtype=acc) for s in ((0,), (0,), (0, values.shape[1]), (0, 2))]
+        empty = [hidden.new_zeros(s, dtype=acc) for s in ((0,), (0,), (0, values.shape[1]), (0, 4))]
         loss, lse, coef, stat = (torch.cat([p[i] for p in parts]) if parts else empty[i] for i in range(4))
         ids_k = torch.cat([p[4] for p in parts]) if parts and parts[0][4] is not None else ids
         ctx.save_for_backward(hidden, weight, bias, values, ids_k, valid, lse, coef, stat)

@@ -27,8 +27,11 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _global_lse(x: torch.Tensor, scale: float, group, rows_per_chunk: int = 1024) -> torch.Tensor:
-    """logsumexp over the global vocabulary of x * scale, x (N, V_local): a max and a sum all-reduce."""
+def _global_lse(x: torch.Tensor, scale: float, group, rows_per_chunk: int = 1024):
+    """logsumexp over the global vocabulary of x * scale, x (N, V_local): a max and a sum all-reduce.
+
+    Returned as (hi, lo), hi the rounded value and lo the rest (the ops' stat layout, docs/topk_kl.md):
+    log-probs formed as (x - hi) - lo are as exact as eager's log_softmax."""
     acc = _acc(x)
     m = torch.empty(x.shape[0], dtype=acc, device=x.device)
     for a in range(0, x.shape[0], rows_per_chunk):  # chunks bound the float32 temporaries
@@ -42,7 +45,10 @@ def _global_lse(x: torch.Tensor, scale: float, group, rows_per_chunk: int = 1024
         s[sl] = torch.where(torch.isfinite(m[sl]), e.sum(-1), 0.0)
     del local_m
     dist.all_reduce(s, group=group)
-    return torch.where(s > 0, m + torch.log(s), _NEG_INF)
+    exact = m.double() + torch.log(s.double())
+    hi = torch.where(s > 0, exact, _NEG_INF).to(acc)
+    lo = torch.where(s > 0, exact - hi.double(), 0.0).to(acc)
+    return hi, lo
 
 
 def _validate_ids(ids: torch.Tensor, vocab: int, drop: bool, pre: str):
@@ -71,30 +77,30 @@ class VocabParallelCore:
         inv_t = 1.0 / temperature
         acc = _acc(z)
         n, v_local = z.shape
-        lse = _global_lse(z, inv_t, self.group)
+        lse, lse_lo = _global_lse(z, inv_t, self.group)
         loss = torch.zeros(n, dtype=acc, device=z.device)
-        stat = torch.zeros(n, 2, dtype=acc, device=z.device)
+        stat = torch.zeros(n, 4, dtype=acc, device=z.device)  # G, lse_lo, teacher lse (hi, lo)
         keep = valid if valid is not None else torch.ones(n, dtype=torch.bool, device=z.device)
         if mode == "dense":
             t_scale = 1.0 if logprobs else inv_t
-            lse_t = _global_lse(values, t_scale, self.group)
+            lse_t, lse_t_lo = _global_lse(values, t_scale, self.group)
             ok = keep & (lse_t > _NEG_INF)  # rows without teacher mass contribute 0 (docs/topk_kl.md)
             with torch.enable_grad():
-                log_q = (z[ok].to(acc) * inv_t - lse[ok, None]).requires_grad_()
-                log_p = values[ok].to(acc) * t_scale - lse_t[ok, None]
+                log_q = ((z[ok].to(acc) * inv_t - lse[ok, None]) - lse_lo[ok, None]).requires_grad_()
+                log_p = (values[ok].to(acc) * t_scale - lse_t[ok, None]) - lse_t_lo[ok, None]
                 part = _DIVERGENCE_FNS[div](log_p, log_q, param)  # separable over v: a partial sum
                 h, = torch.autograd.grad(part.sum(), log_q) if part.numel() else (torch.zeros_like(log_q),)
             loss[ok] = part.detach()
             stat[ok, 0] = h.sum(-1)
             dist.all_reduce(loss, group=self.group)
             dist.all_reduce(stat, group=self.group)
-            stat[:, 1] = lse_t
+            stat[:, 1], stat[:, 2], stat[:, 3] = lse_lo, lse_t, lse_t_lo
             return loss, lse, values.new_zeros((n, 0), dtype=acc), stat, None
         if self.validate:
             _validate_ids(ids, self.vocab, drop, self.pre)
         local = ids.long() - self.start
         inside = (local >= 0) & (local < v_local)
-        gathered = z.gather(1, local.clamp(0, v_local - 1)).to(acc) * inv_t - lse[:, None]
+        gathered = (z.gather(1, local.clamp(0, v_local - 1)).to(acc) * inv_t - lse[:, None]) - lse_lo[:, None]
         log_q_s = torch.where(inside, gathered, _NEG_INF)
         dist.all_reduce(log_q_s, dist.ReduceOp.MAX, group=self.group)  # exactly one rank owns each id
         coef = torch.zeros_like(log_q_s)
@@ -105,7 +111,7 @@ class VocabParallelCore:
             if rows.numel():
                 coef[keep], = torch.autograd.grad(rows.sum(), lq)
         loss[keep] = rows.detach()
-        stat[:, 0] = coef.sum(-1)
+        stat[:, 0], stat[:, 1] = coef.sum(-1), lse_lo
         return loss, lse, coef, stat, torch.where(inside, local, -1)
 
     def bwd(self, grad_rows, z, values, local_ids, lse, coef, stat):

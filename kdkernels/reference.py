@@ -9,8 +9,9 @@ import torch
 
 __all__ = ["topk_kl_div_ref", "teacher_topk_ref", "sparse_rows_ref", "TAIL_FLOOR"]
 
-# The student's tail bucket never goes below this (docs/topk_kl.md): about float32's resolution of
-# 1 - s near 1, so the loss and gradient stay finite when the student puts all its mass on S.
+# Neither tail bucket of mode 'tail' goes below this (docs/topk_kl.md; TRL's convention): about float32's
+# resolution of 1 - s near 1. Flooring both sides keeps every divergence finite when either puts all its
+# mass on S (a zero teacher tail against a floored student tail would make reverse KL infinite).
 TAIL_FLOOR = 1e-7
 
 _PREFIX = "kdkernels.topk_kl_div: "
@@ -105,12 +106,6 @@ def _masked_log_softmax(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, torch.log_softmax(x, dim=-1), _NEG_INF)
 
 
-def _safe_log(x: torch.Tensor) -> torch.Tensor:
-    """log(x) for x >= 0 with log(0) = -inf and a zero (not NaN) gradient there."""
-    pos = x > 0
-    return torch.where(pos, torch.where(pos, x, 1.0).log(), _NEG_INF)
-
-
 def _check_args(mode, divergence, values_are, temperature, beta, skew, reduction, out_of_range, num_items):
     if mode not in _MODES:
         raise ValueError(_PREFIX + f"mode must be one of 'renorm', 'tail', 'support', 'dense': got {mode!r}")
@@ -177,12 +172,12 @@ def sparse_rows_ref(log_q_s, t, values_are, mode, divergence, beta, skew, T):
     has_mass = ok.any(-1, keepdim=True)
 
     if mode == "tail":
-        # Teacher: p_S = exp(t) (full-vocab probs), tail max(1 - m, 0);
+        # Teacher: p_S = exp(t) (full-vocab probs), tail max(1 - m, TAIL_FLOOR);
         # student: q_S, tail max(1 - s, TAIL_FLOOR).
         log_p_s = torch.where(ok, t, _NEG_INF)
         m = log_p_s.exp().sum(-1, keepdim=True)
         s = log_q_s.exp().sum(-1, keepdim=True)
-        log_p = torch.cat([log_p_s, _safe_log((1.0 - m).clamp(min=0.0))], dim=-1)
+        log_p = torch.cat([log_p_s, (1.0 - m).clamp(min=TAIL_FLOOR).log()], dim=-1)
         log_q_b = torch.cat([log_q_s, (1.0 - s).clamp(min=TAIL_FLOOR).log()], dim=-1)
     else:
         log_p = _masked_log_softmax(t / T if values_are == "logits" else t, ok)

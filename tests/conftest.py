@@ -1,9 +1,15 @@
 """Shared pytest fixtures: the devices to test on (CPU, CUDA, and the CUDA code path on the host emulator),
 the needs_cuda and emu markers, per-test seeding, and a summary of what ran emulated."""
 import collections
+import os
+import tempfile
 
-import pytest
-import torch
+# A fresh torch.compile cache per run: inductor's on-disk cache keys graphs by op name, not by our fake
+# kernels, so a cache left by an older build would replay its output shapes against the new op.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="kdkernels-inductor-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from kdkernels import _ops
 

@@ -312,7 +312,7 @@ def test_raw_ops_values(device, mode, divergence, masked):
         z, t, ids, row_mask, mode, divergence, param, T, va == "logprobs", False, True)
     N = z.shape[0]
     K = 0 if mode == "dense" else t.shape[1]
-    assert loss.shape == (N,) and lse.shape == (N,) and coef.shape == (N, K) and stat.shape == (N, 2)
+    assert loss.shape == (N,) and lse.shape == (N,) and coef.shape == (N, K) and stat.shape == (N, 4)
     assert loss.dtype == lse.dtype == coef.dtype == stat.dtype == torch.float32
     keep = torch.ones(N, dtype=torch.bool) if row_mask is None else row_mask.cpu()
     # masked rows are skipped by the kernel: their statistics are unspecified
@@ -334,12 +334,12 @@ def test_raw_backward_checks_saved_inputs(device, bad):
     # A raw call of the backward with saved tensors of the wrong shape once read out of bounds.
     z, t, ids, _, va = _raw_inputs("support", device)
     N, K = ids.shape
-    saved = dict(grad_loss=torch.ones(N), lse=torch.zeros(N), coef=torch.zeros(N, K), stat=torch.zeros(N, 2))
+    saved = dict(grad_loss=torch.ones(N), lse=torch.zeros(N), coef=torch.zeros(N, K), stat=torch.zeros(N, 4))
     if bad == "dtype":
         saved["lse"], msg = saved["lse"].double(), "lse must be torch.float32: got torch.float64"
     else:
         saved[bad] = saved[bad][:2]
-        want = {"lse": "(5,)", "coef": f"({N}, {K})", "stat": f"({N}, 2)", "grad_loss": "(5,)"}[bad]
+        want = {"lse": "(5,)", "coef": f"({N}, {K})", "stat": f"({N}, 4)", "grad_loss": "(5,)"}[bad]
         msg = f"{bad} must have shape {want}: got"
     s = {k: v.to(device) for k, v in saved.items()}
     with pytest.raises(ValueError, match=re.escape("kdkernels.topk_kl_div: " + msg)):

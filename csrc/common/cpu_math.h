@@ -109,6 +109,28 @@ template <class T> KDK_CPU_CLONES T row_lse(const T* x, int64_t n, T scale) {
   return m + std::log(s);
 }
 
+// logsumexp(x * scale) over a row as hi + lo (common/hd.h, lse_split): float exps summed in float within
+// blocks of 64 and in double across blocks, so the sum is as accurate as a pairwise one at any V.
+template <class T> KDK_CPU_CLONES void row_lse_split(const T* x, int64_t n, T scale, T& hi, T& lo) {
+  const T m = row_max(x, n) * scale;
+  hi = m; lo = 0;
+  if (m == neg_inf<T>()) return;
+  double s = 0;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + 64 <= n; i += 64) {
+      f8 acc = splat8(0.f);
+      for (int j = 0; j < 64; j += 8) acc += exp8(load8(x + i + j) * scale - m);
+      s += hsum8(acc);
+    }
+    for (; i + 8 <= n; i += 8) s += hsum8(exp8(load8(x + i) * scale - m));
+  }
+  for (; i < n; ++i) s += fast_exp(x[i] * scale - m);
+  const double lse = double(m) + std::log(s);
+  hi = static_cast<T>(lse);
+  lo = static_cast<T>(lse - double(hi));
+}
+
 // out[i] = c * exp(x[i] * scale - shift)
 template <class T> KDK_CPU_CLONES void row_scaled_exp(const T* x, int64_t n, T scale, T shift, T c, T* out) {
   int64_t i = 0;

@@ -20,6 +20,8 @@ KDK_HD float klog(float x) { return ::logf(x); }
 KDK_HD double klog(double x) { return ::log(x); }
 KDK_HD float klog1p(float x) { return ::log1pf(x); }
 KDK_HD double klog1p(double x) { return ::log1p(x); }
+KDK_HD float kexpm1(float x) { return ::expm1f(x); }
+KDK_HD double kexpm1(double x) { return ::expm1(x); }
 
 template <class T> KDK_HD T kmax(T a, T b) { return a > b ? a : b; }
 template <class T> KDK_HD T kabs(T a) { return a < T(0) ? -a : a; }
@@ -29,6 +31,20 @@ template <class T> KDK_HD T logaddexp(T a, T b) {
   T m = kmax(a, b);
   if (m == neg_inf<T>()) return m;
   return m + klog1p(kexp(-kabs(a - b)));
+}
+
+// hi + lo = a + b exactly, hi = fl(a + b) (Knuth's TwoSum; additions only, so contraction cannot break it).
+template <class T> KDK_HD void two_sum(T a, T b, T& hi, T& lo) {
+  hi = a + b;
+  const T bb = hi - a;
+  lo = (a - (hi - bb)) + (b - bb);
+}
+
+// A log-sum-exp kept as hi + lo (hi = the rounded value): log-probs formed as (x - hi) - lo lose only
+// what eager's x - max - log(sum) loses, where x - lse with one rounded lse would lose eps * |lse|.
+template <class T> KDK_HD void lse_split(T m, T s, T& hi, T& lo) {
+  if (m == neg_inf<T>() || !(s > T(0))) { hi = neg_inf<T>(); lo = T(0); return; }
+  two_sum(m, klog(s), hi, lo);
 }
 
 // Merge two (max, sum of exp(x - max)) pairs of an online log-sum-exp.

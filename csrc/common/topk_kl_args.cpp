@@ -135,7 +135,7 @@ void topk_kl_check_saved(const TopkArgs& a, const at::Tensor& logits, const at::
   check(grad_loss, "grad_loss", {a.N}, false);
   check(lse, "lse", {a.N}, true);
   check(coef, "coef", {a.N, a.K}, true);
-  check(stat, "stat", {a.N, 2}, true);
+  check(stat, "stat", {a.N, kTopkStat}, true);
 }
 
 }  // namespace kdk
