@@ -19,8 +19,38 @@ def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, memory_budget: Optio
     return max(1, min(max(n_rows, 1), budget // per_row))
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+class _Head:
+    """The lm_head of one call. Each chunk's logits come out in float32 (float64 for float64 inputs): 16-bit
+    operands are multiplied with float32 accumulation and the logits are never rounded to bf16/fp16 before
+    the loss (Liger-Kernel #1432: that rounding alone gives 4-23% gradient error). On CUDA the GEMMs read
+    the 16-bit operands and write float32 (`torch.mm(..., out_dtype=)`); the CPU has no such GEMM, so there
+    the weight is widened once per call (one (V, H) float32 copy)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        self.weight = weight
+        self.acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        narrow = weight.dtype != self.acc
+        self.mixed = narrow and weight.is_cuda
+        self.wide = weight.to(self.acc) if narrow and not self.mixed else weight
+        self.bias = None if bias is None else bias.to(self.acc)
+
+    def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b in the accumulation dtype, b a view of the weight (16-bit on CUDA: a is rounded to it)."""
+        if self.mixed:
+            return torch.mm(a.to(b.dtype), b, out_dtype=self.acc)
+        return torch.mm(a.to(self.acc), b)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        z = self._mm(h, (self.weight if self.mixed else self.wide).t())
+        return z.add_(self.bias) if self.bias is not None else z
+
+    def grad_hidden(self, g: torch.Tensor) -> torch.Tensor:
+        return self._mm(g, self.weight if self.mixed else self.wide)
+
+    def grad_weight(self, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if self.mixed:
+            return torch.mm(g.t().to(h.dtype), h, out_dtype=self.acc)
+        return torch.mm(g.t(), h.to(self.acc))
 
 
 class LocalCore:
@@ -38,23 +68,28 @@ class LocalCore:
 
 
 class _Grads:
-    """Gradients of hidden / weight / bias accumulated chunk by chunk from each chunk's logits gradient."""
+    """Gradients of hidden / weight / bias accumulated chunk by chunk from each chunk's logits gradient, in
+    float32 (float64 for float64) across chunks and cast to the parameters' dtypes once at the end."""
 
-    def __init__(self, hidden, weight, bias, needs):
-        self.hidden = torch.empty_like(hidden) if needs[0] else None
-        # Accumulated in the weight's dtype, chunk after chunk, as an unfused step's GEMM would write it.
-        self.weight = torch.zeros_like(weight) if needs[1] else None
-        self.acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self.bias = torch.zeros(weight.shape[0], dtype=self.acc, device=weight.device) \
+    def __init__(self, hidden, weight, bias, needs, head: _Head):
+        self.head, acc = head, head.acc
+        self.hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if needs[0] else None
+        self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+        self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) \
             if needs[2] and bias is not None else None
+        self.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
 
-    def add(self, a, b, g, h, weight):
+    def add(self, a, b, g, h):
         if self.hidden is not None:
-            torch.mm(g, weight, out=self.hidden[a:b])
+            self.hidden[a:b] = self.head.grad_hidden(g)
         if self.weight is not None:
-            self.weight.addmm_(g.t(), h)
+            self.weight += self.head.grad_weight(g, h)
         if self.bias is not None:
-            self.bias += g.sum(0, dtype=self.acc)
+            self.bias += g.sum(0, dtype=self.bias.dtype)
+
+    def final(self):
+        """(hidden, weight, bias) gradients in the parameters' dtypes (one cast each)."""
+        return tuple(None if g is None else g.to(dt) for g, dt in zip((self.hidden, self.weight, self.bias), self.dtypes))
 
 
 def _sl(t, a, b):
@@ -72,32 +107,32 @@ class LinearTopKKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, values, ids, valid, row_weight, core, chunk, needs, reduce_hidden):
         # needs: which of hidden/weight/bias want a gradient, decided by the caller (grad mode is off in here)
-        grads = _Grads(hidden, weight, bias, needs)
+        head = _Head(weight, bias)
+        grads = _Grads(hidden, weight, bias, needs, head)
         total = torch.zeros((), dtype=row_weight.dtype, device=hidden.device)
         for a in range(0, hidden.shape[0], chunk):
             b = min(hidden.shape[0], a + chunk)
             h = hidden[a:b]
-            z = _logits(h, weight, bias)
+            z = head.logits(h)
             v_c, ids_c = values[a:b], _sl(ids, a, b)
             loss, lse, coef, stat, ids_k = core.fwd(z, v_c, ids_c, _sl(valid, a, b))
             w = row_weight[a:b]
             total += (loss * w).sum()
             if any(needs):
-                grads.add(a, b, core.bwd(w, z, v_c, ids_k, lse, coef, stat), h, weight)
+                grads.add(a, b, core.bwd(w, z, v_c, ids_k, lse, coef, stat), h)
             del z
         if grads.hidden is not None and reduce_hidden is not None:
             reduce_hidden(grads.hidden)
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        # Kept in float32 until the upstream scalar is known: scaled, then cast once.
+        ctx.dtypes = grads.dtypes
         ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        g_hidden, g_weight, g_bias = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_total.to(g.dtype) for g in (g_hidden, g_weight, g_bias)]
-        if scaled[2] is not None:
-            scaled[2] = scaled[2].to(ctx.bias_dtype)
-        return (*scaled, None, None, None, None, None, None, None, None)
+        out = [None if g is None else (g * grad_total.to(g.dtype)).to(dt)
+               for g, dt in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*out, None, None, None, None, None, None, None, None)
 
 
 class LinearTopKKLRows(torch.autograd.Function):
@@ -107,12 +142,13 @@ class LinearTopKKLRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, values, ids, valid, core, chunk, reduce_hidden):
         parts = []
+        head = _Head(weight, bias)
         for a in range(0, hidden.shape[0], chunk):
             b = min(hidden.shape[0], a + chunk)
-            z = _logits(hidden[a:b], weight, bias)
+            z = head.logits(hidden[a:b])
             parts.append(core.fwd(z, values[a:b], _sl(ids, a, b), _sl(valid, a, b)))
             del z
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc = head.acc
         empty = [hidden.new_zeros(s, dtype=acc) for s in ((0,), (0,), (0, values.shape[1]), (0, 4))]
         loss, lse, coef, stat = (torch.cat([p[i] for p in parts]) if parts else empty[i] for i in range(4))
         ids_k = torch.cat([p[4] for p in parts]) if parts and parts[0][4] is not None else ids
@@ -121,21 +157,23 @@ class LinearTopKKLRows(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_rows):
         hidden, weight, bias, values, ids, valid, lse, coef, stat = ctx.saved_tensors
         if valid is not None:
             grad_rows = torch.where(valid, grad_rows, torch.zeros_like(grad_rows))
-        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
+        head = _Head(weight, bias)
+        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3], head)
         for a in range(0, hidden.shape[0], ctx.chunk):
             b = min(hidden.shape[0], a + ctx.chunk)
             h = hidden[a:b]
-            z = _logits(h, weight, bias)
+            z = head.logits(h)
             g = ctx.core.bwd(grad_rows[a:b], z, values[a:b], _sl(ids, a, b), lse[a:b], coef[a:b], stat[a:b])
-            grads.add(a, b, g, h, weight)
+            grads.add(a, b, g, h)
         if grads.hidden is not None and ctx.reduce_hidden is not None:
             ctx.reduce_hidden(grads.hidden)
-        return (grads.hidden, grads.weight, None if grads.bias is None else grads.bias.to(bias.dtype),
-                None, None, None, None, None, None)
+        return (*grads.final(), None, None, None, None, None, None)
 
 
 def _run_linear(op, hidden, weight, bias, teacher_values, teacher_indices, chunk_size, memory_budget, kwargs,
@@ -145,6 +183,14 @@ def _run_linear(op, hidden, weight, bias, teacher_values, teacher_indices, chunk
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{pre}weight must have shape (V, H) with H = hidden.shape[-1] = "
                          f"{hidden.shape[-1] if hidden.dim() else None}: got {_shape(weight.shape)}")
+    amp = torch.is_autocast_enabled(hidden.device.type) if hidden.dim() else False
+    if amp and weight.device == hidden.device and weight.dtype != hidden.dtype and \
+            hidden.is_floating_point() and weight.is_floating_point():
+        # Under autocast a bf16 hidden state meets the float32 head: compute the loss at the wider dtype
+        # (autocast itself runs losses and softmaxes in float32); autograd casts each gradient back.
+        wide = torch.promote_types(hidden.dtype, weight.dtype)
+        hidden, weight = hidden.to(wide), weight.to(wide)
+        bias = None if bias is None else bias.to(wide)
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
         raise ValueError(f"{pre}weight must match hidden's dtype and device: expected {hidden.dtype} on "
                          f"{hidden.device}, got {weight.dtype} on {weight.device}")
@@ -169,7 +215,8 @@ def _run_linear(op, hidden, weight, bias, teacher_values, teacher_indices, chunk
     n = h.shape[0]
     chunk = int(chunk_size) if chunk_size is not None else chunk_rows(n, vocab, hidden.dtype, memory_budget)
     if reduction == "none":
-        rows = LinearTopKKLRows.apply(h, weight, bias, x.values, x.ids, x.valid, core, chunk, reduce_hidden)
+        with torch.autocast(hidden.device.type, enabled=False):  # the head and loss run in their own dtypes
+            rows = LinearTopKKLRows.apply(h, weight, bias, x.values, x.ids, x.valid, core, chunk, reduce_hidden)
         return _t2(rows, temperature, scale_by_t2).reshape(x.lead)
     # d loss / d row of the scalar reduction, known before any logits exist.
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -183,7 +230,8 @@ def _run_linear(op, hidden, weight, bias, teacher_values, teacher_indices, chunk
         count = x.valid.sum() if x.valid is not None else torch.tensor(n, device=hidden.device)
         w = w / count.clamp(min=1).to(acc)
     needs = tuple(t is not None and t.requires_grad and torch.is_grad_enabled() for t in (hidden, weight, bias))
-    return LinearTopKKL.apply(h, weight, bias, x.values, x.ids, x.valid, w, core, chunk, needs, reduce_hidden)
+    with torch.autocast(hidden.device.type, enabled=False):  # the head and loss run in their own dtypes
+        return LinearTopKKL.apply(h, weight, bias, x.values, x.ids, x.valid, w, core, chunk, needs, reduce_hidden)
 
 
 def linear_topk_kl_div(

@@ -145,3 +145,76 @@ def test_peak_memory_below_a_quarter_of_unfused():
     assert abs(out["fused"]["loss"] - out["unfused"]["loss"]) < 1e-4 * abs(out["unfused"]["loss"])
     assert out["unfused"]["peak_extra"] > 1 << 30, out  # the shape really needs > 1 GB unfused
     assert out["fused"]["peak_extra"] < out["unfused"]["peak_extra"] / 4, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision: each chunk's logits in float32 from bf16 operands, gradients accumulated in float32
+# ---------------------------------------------------------------------------------------------
+
+
+def _rel(a, b):
+    return float((a.double().cpu() - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("mode", ["tail", "dense"])
+def test_bf16_gradients_within_1_percent_of_float64(device, mode):
+    # LLM-sized logits (|z| up to ~30) at V = 32000: rounding them to bf16 before the loss is what costs
+    # unfused bf16 paths several percent (Liger-Kernel #1432); the fused path keeps them in float32.
+    N, H = (48, 64) if not getattr(device, "emulated", False) else (6, 32)
+    V, K = 32000, 32
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(N, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64) * (8 / H ** 0.5)
+    t = h @ W.t() + torch.randn(N, V, generator=g, dtype=torch.float64)
+    hb, Wb = h.bfloat16(), W.bfloat16()
+    if mode == "dense":
+        vals, ids, kw = t.float(), None, dict(mode="dense")
+    else:
+        vals, ids = kdkernels.teacher_topk(t, K, values_are="logprobs")
+        vals, kw = vals.float(), dict(mode="tail", values_are="logprobs", divergence="reverse_kl")
+    h64, W64 = hb.double().requires_grad_(), Wb.double().requires_grad_()
+    ref = kdkernels.topk_kl_div(h64 @ W64.t(), vals.double(), ids, **kw)
+    rh, rw = torch.autograd.grad(ref, (h64, W64))
+    hd, Wd = hb.to(device).requires_grad_(), Wb.to(device).requires_grad_()
+    fused = kdkernels.linear_topk_kl_div(hd, Wd, vals.to(device), None if ids is None else ids.to(device),
+                                         chunk_size=max(1, N // 3), **kw)
+    fh, fw = torch.autograd.grad(fused, (hd, Wd))
+    assert fh.dtype == fw.dtype == torch.bfloat16
+    hu, Wu = hb.clone().requires_grad_(), Wb.clone().requires_grad_()  # unfused: bf16 logits, as HF would
+    plain = kdkernels.topk_kl_div((hu @ Wu.t()).float(), vals, ids, **kw)
+    uh, uw = torch.autograd.grad(plain, (hu, Wu))
+    errs = dict(fused_hidden=_rel(fh, rh), fused_weight=_rel(fw, rw), unfused_hidden=_rel(uh, rh),
+                unfused_weight=_rel(uw, rw))
+    print("bf16 gradient relative errors vs float64:", {k: f"{v:.2e}" for k, v in errs.items()})
+    assert errs["fused_hidden"] <= 1e-2 and errs["fused_weight"] <= 1e-2, errs
+    assert abs(float(fused.detach()) - float(ref.detach())) <= 1e-3 * abs(float(ref.detach())) + 1e-4
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_with_float32_parameters(device, amp_dtype, reduction):
+    # Liger-Kernel's test_amp case: float32 hidden states and head under autocast once crashed
+    # ("Expected out tensor to have dtype c10::BFloat16"). The loss runs at float32, as autocast runs losses.
+    N, H, V, K = 21, 16, 97, 5
+    h = torch.randn(N, H, device=device, requires_grad=True)
+    W = (torch.randn(V, H) / H ** 0.5).to(device).requires_grad_()
+    b = torch.randn(V, device=device, requires_grad=True)
+    vals, ids = kdkernels.teacher_topk(torch.randn(N, V) * 2, K, values_are="logprobs")
+    vals, ids = vals.to(device), ids.to(device)
+    kw = dict(mode="tail", values_are="logprobs", divergence="jsd", temperature=1.5, reduction=reduction)
+    want = kdkernels.linear_topk_kl_div(h, W, vals, ids, bias=b, **kw)
+    gw = torch.autograd.grad(want.sum(), (h, W, b))
+    for hidden in (h, None):  # float32 hidden, and a 16-bit hidden made inside the autocast region
+        with torch.autocast(device_type="cpu" if str(device) == "cpu" else str(device), dtype=amp_dtype):
+            x = h if hidden is not None else (h * 1.0).to(amp_dtype)
+            got = kdkernels.linear_topk_kl_div(x, W, vals, ids, bias=b, **kw)
+            plain = kdkernels.topk_kl_div(torch.nn.functional.linear(h, W, b), vals, ids, **kw)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all() and torch.isfinite(plain).all()
+        gg = torch.autograd.grad(got.sum(), (h, W, b))
+        assert all(g.dtype == torch.float32 for g in gg)
+        if hidden is not None:  # same math as without autocast
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+            for a, e in zip(gg, gw):
+                torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        else:  # the hidden state was rounded to the autocast dtype first
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
