@@ -105,8 +105,10 @@ class LinearTopKKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, values, ids, valid, row_weight, core, chunk, needs, reduce_hidden):
-        # needs: which of hidden/weight/bias want a gradient, decided by the caller (grad mode is off in here)
+    def forward(ctx, hidden, weight, bias, values, ids, valid, row_weight, core, chunk, needs, reduce_hidden,
+                extra=None):
+        # needs: which of hidden/weight/bias want a gradient, decided by the caller (grad mode is off in here).
+        # extra: a _CrossEntropy adding the hard-label term and collecting metrics from the same chunks.
         head = _Head(weight, bias)
         grads = _Grads(hidden, weight, bias, needs, head)
         total = torch.zeros((), dtype=row_weight.dtype, device=hidden.device)
@@ -118,9 +120,12 @@ class LinearTopKKL(torch.autograd.Function):
             loss, lse, coef, stat, ids_k = core.fwd(z, v_c, ids_c, _sl(valid, a, b))
             w = row_weight[a:b]
             total += (loss * w).sum()
-            if any(needs):
-                grads.add(a, b, core.bwd(w, z, v_c, ids_k, lse, coef, stat), h)
-            del z
+            g = core.bwd(w, z, v_c, ids_k, lse, coef, stat) if any(needs) else None
+            if extra is not None:
+                total += extra.chunk(a, b, z, g, v_c, ids_k, lse, stat, loss)
+            if g is not None:
+                grads.add(a, b, g, h)
+            del z, g
         if grads.hidden is not None and reduce_hidden is not None:
             reduce_hidden(grads.hidden)
         # Kept in float32 until the upstream scalar is known: scaled, then cast once.
@@ -132,7 +137,7 @@ class LinearTopKKL(torch.autograd.Function):
     def backward(ctx, grad_total):
         out = [None if g is None else (g * grad_total.to(g.dtype)).to(dt)
                for g, dt in zip(ctx.saved_tensors, ctx.dtypes)]
-        return (*out, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None)
 
 
 class LinearTopKKLRows(torch.autograd.Function):
@@ -176,8 +181,69 @@ class LinearTopKKLRows(torch.autograd.Function):
         return (*grads.final(), None, None, None, None, None, None)
 
 
+class _CrossEntropy:
+    """The hard-label cross-entropy and the distillation metrics, from the fused loss's own chunks.
+
+    CE is one more sparse target of the same float32 logits: its gradient w (softmax(z) - onehot(y)) is
+    added to the chunk's logits gradient before the two GEMMs, so there is no second GEMM and no second
+    (N, V) tensor. Metrics (detached, means over the rows the KD term counts): teacher_topk_mass (sum of
+    exp(values) over the ids; 'logprobs' only), student_topk_mass (the student's probability at T on the
+    teacher's ids), top1_agreement (student argmax == teacher's top-1 id), ce and kd (the unweighted terms).
+    """
+
+    def __init__(self, labels, ce_row_weight, valid, x, vocab, t2):
+        self.labels, self.w, self.valid, self.vocab, self.t2 = labels, ce_row_weight, valid, vocab, t2
+        mode, _, _, temperature, logprobs, _ = x.options
+        self.mode, self.logprobs, self.inv_t = mode, logprobs, 1.0 / temperature
+        self.sums = dict(ce=0.0, kd=0.0, teacher_topk_mass=0.0, student_topk_mass=0.0, top1_agreement=0.0)
+        self.ce_sum, self.ce_count, self.rows = 0.0, 0, 0
+
+    def chunk(self, a, b, z, g, values, ids, lse, stat, kd_rows):
+        y = self.labels[a:b]
+        ok = y >= 0
+        yc = y.clamp(0, self.vocab - 1)[:, None]
+        # log-sum-exp at T = 1: the KD op's own (hi + lo) when the KD temperature is 1, else one more read.
+        lse1 = lse + stat[:, 1] if self.inv_t == 1.0 else torch.logsumexp(z, -1)
+        ce = torch.where(ok, lse1 - z.gather(1, yc).squeeze(1), 0.0)
+        self.ce_sum += float(ce.sum())
+        self.ce_count += int(ok.sum())
+        self._metrics(a, b, z, values, ids, lse, stat, kd_rows)
+        wc = self.w[a:b]
+        if g is not None:  # + w (softmax(z) - onehot(y)), one chunk-sized temporary
+            g.addcmul_(torch.sub(z, lse1[:, None]).exp_(), wc[:, None])
+            g.scatter_add_(1, yc, -wc[:, None].to(g.dtype))
+        return (ce * wc).sum()
+
+    def _metrics(self, a, b, z, values, ids, lse, stat, kd_rows):
+        keep = self.valid[a:b] if self.valid is not None else torch.ones(b - a, dtype=torch.bool, device=z.device)
+        self.rows += int(keep.sum())
+        s = self.sums
+        s["kd"] += float((kd_rows * keep).sum()) * self.t2
+        top1 = z.argmax(-1)
+        if self.mode == "dense":
+            s["top1_agreement"] += float(((top1 == values.argmax(-1)) & keep).sum())
+            s["teacher_topk_mass"] += float(keep.sum())
+            s["student_topk_mass"] += float(keep.sum())
+            return
+        present = (ids >= 0) & (ids < self.vocab)
+        idc = ids.long().clamp(0, self.vocab - 1)
+        lq = (z.gather(1, idc) * self.inv_t - lse[:, None]) - stat[:, 1:2]
+        s["student_topk_mass"] += float((torch.where(present, lq.exp(), 0.0).sum(-1) * keep).sum())
+        if self.logprobs:
+            s["teacher_topk_mass"] += float((torch.where(present, values.exp(), 0.0).sum(-1) * keep).sum())
+        best = idc.gather(1, torch.where(present, values, float("-inf")).argmax(-1, keepdim=True)).squeeze(1)
+        s["top1_agreement"] += float(((top1 == best) & keep).sum())
+
+    def metrics(self):
+        out = {k: v / max(self.rows, 1) for k, v in self.sums.items() if k != "ce"}
+        if not self.logprobs and self.mode != "dense":
+            del out["teacher_topk_mass"]  # raw teacher logits carry no full-vocabulary mass
+        out["ce"] = self.ce_sum / max(self.ce_count, 1)
+        return out
+
+
 def _run_linear(op, hidden, weight, bias, teacher_values, teacher_indices, chunk_size, memory_budget, kwargs,
-                vocab, core_for, reduce_hidden=None):
+                vocab, core_for, reduce_hidden=None, extra_for=None, kd_scale=1.0):
     """Shared body of the fused linear losses: checks, the reduction's row weights, the chunked Function."""
     pre = f"kdkernels.{op}: "
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
@@ -221,7 +287,7 @@ def _run_linear(op, hidden, weight, bias, teacher_values, teacher_indices, chunk
     # d loss / d row of the scalar reduction, known before any logits exist.
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     t2 = float(temperature) ** 2 if scale_by_t2 and temperature != 1.0 else 1.0
-    w = torch.full((n,), t2, dtype=acc, device=hidden.device)
+    w = torch.full((n,), t2 * float(kd_scale), dtype=acc, device=hidden.device)
     if x.valid is not None:
         w = w * x.valid
     if num_items is not None:
@@ -230,8 +296,11 @@ def _run_linear(op, hidden, weight, bias, teacher_values, teacher_indices, chunk
         count = x.valid.sum() if x.valid is not None else torch.tensor(n, device=hidden.device)
         w = w / count.clamp(min=1).to(acc)
     needs = tuple(t is not None and t.requires_grad and torch.is_grad_enabled() for t in (hidden, weight, bias))
+    extra = extra_for(x, n, acc) if extra_for is not None else None
     with torch.autocast(hidden.device.type, enabled=False):  # the head and loss run in their own dtypes
-        return LinearTopKKL.apply(h, weight, bias, x.values, x.ids, x.valid, w, core, chunk, needs, reduce_hidden)
+        total = LinearTopKKL.apply(h, weight, bias, x.values, x.ids, x.valid, w, core, chunk, needs, reduce_hidden,
+                                   extra)
+    return total if extra is None else (total, extra)
 
 
 def linear_topk_kl_div(
@@ -263,6 +332,67 @@ def linear_topk_kl_div(
     return _run_linear("linear_topk_kl_div", hidden, weight, bias, teacher_values, teacher_indices, chunk_size,
                        memory_budget, kwargs, weight.shape[0] if weight.dim() == 2 else 0,
                        lambda options: LocalCore(options, validate))
+
+
+def linear_distill_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_values: torch.Tensor,
+    teacher_indices: Optional[torch.Tensor] = None,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+    chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    validate: bool = True,
+    **kwargs,
+):
+    """ce_weight * CE(hidden @ W^T + b, labels) + kd_weight * KD, from one chunked pass over the lm_head.
+
+    KD is linear_topk_kl_div with the same keywords (mode, divergence, temperature, values_are, ...; rows
+    whose label is ignore_index count in neither term). CE is the mean cross-entropy at T = 1 over the
+    labelled rows (sum / num_items when num_items is given, the HF convention under gradient
+    accumulation). The hard label is one more sparse target of the same float32 chunk logits: no second
+    GEMM and never more than one chunk of logits. Returns (loss, metrics): metrics is a dict of floats
+    (ce, kd, teacher_topk_mass, student_topk_mass, top1_agreement; docs/linear_parallel.md).
+    """
+    pre = "kdkernels.linear_distill_loss: "
+    allowed = {"values_are", "mode", "divergence", "beta", "skew", "temperature", "scale_by_t2", "mask",
+               "ignore_index", "reduction", "num_items", "out_of_range"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise TypeError(f"{pre}unexpected keyword argument(s): {', '.join(unknown)}")
+    if kwargs.get("reduction", "mean") != "mean":
+        raise ValueError(f"{pre}reduction must be 'mean' (use num_items for a sum / n): got {kwargs['reduction']!r}")
+    vocab = weight.shape[0] if weight.dim() == 2 else 0
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64) or \
+            tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        got = f"{labels.dtype} {_shape(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"{pre}labels must be an integer tensor of hidden's leading shape "
+                         f"{_shape(hidden.shape[:-1])}: got {got}")
+    ignore = kwargs.get("ignore_index", -100)
+    flat = labels.reshape(-1).to(hidden.device)
+    used = flat != ignore
+    if validate and bool(((flat[used] < 0) | (flat[used] >= vocab)).any()):
+        bad = int(flat[used & ((flat < 0) | (flat >= vocab))][0])
+        raise ValueError(f"{pre}labels out of range [0, {vocab}) (or ignore_index = {ignore}): found {bad}")
+    num_items = kwargs.get("num_items")
+    temperature = kwargs.get("temperature", 1.0)
+    t2 = float(temperature) ** 2 if kwargs.get("scale_by_t2", True) and temperature != 1.0 else 1.0
+    kw = dict(kwargs, labels=labels)
+
+    def extra_for(x, n, acc):
+        y = torch.where(used, flat.long(), -1)
+        denom = float(num_items) if num_items is not None else max(int(used.sum()), 1)
+        w = torch.where(used, ce_weight / denom, 0.0).to(acc)
+        return _CrossEntropy(y, w, x.valid, x, vocab, t2)
+
+    total, extra = _run_linear("linear_distill_loss", hidden, weight, bias, teacher_values, teacher_indices,
+                               chunk_size, memory_budget, kw, vocab, lambda options: LocalCore(options, validate),
+                               extra_for=extra_for, kd_scale=kd_weight)
+    return total, extra.metrics()
 
 
 class LinearTopKKLDivLoss(torch.nn.Module):

@@ -218,3 +218,58 @@ def test_autocast_with_float32_parameters(device, amp_dtype, reduction):
                 torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
         else:  # the hidden state was rounded to the autocast dtype first
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# CE + KD in one fused pass (linear_distill_loss)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,divergence,T", [("tail", "jsd", 1.0), ("renorm", "forward_kl", 2.0),
+                                               ("support", "reverse_kl", 1.0), ("dense", "forward_kl", 1.5)])
+@pytest.mark.parametrize("num_items", [None, 23])
+def test_linear_distill_loss_matches_unfused_float64(device, mode, divergence, T, num_items):
+    from kdkernels.reference import topk_kl_div_ref
+    N, H, V, K = 31, 12, 211, 7
+    h, W, b, vals, ids = _inputs(N, H, V, K, torch.float64, "cpu", mode)
+    labels = torch.randint(0, V, (N,))
+    labels[::5] = -100
+    kw = dict(values_are="logprobs", mode=mode, divergence=divergence, temperature=T, num_items=num_items)
+    ce_w, kd_w = 0.3, 0.7
+    z = h @ W.t() + b
+    ce = torch.nn.functional.cross_entropy(z, labels, ignore_index=-100,
+                                           reduction="sum" if num_items else "mean") / (num_items or 1)
+    kd = topk_kl_div_ref(z, vals, ids, labels=labels, **kw)
+    ref = ce_w * ce + kd_w * kd
+    gref = torch.autograd.grad(ref, (h, W, b))
+    z = z.detach()
+    hd, Wd, bd = (t.detach().float().to(device).requires_grad_() for t in (h, W, b))
+    loss, metrics = kdkernels.linear_distill_loss(
+        hd, Wd, labels.to(device), vals.float().to(device), None if ids is None else ids.to(device), bias=bd,
+        ce_weight=ce_w, kd_weight=kd_w, chunk_size=8, **kw)
+    torch.testing.assert_close(loss.detach().double().cpu(), ref.detach(), rtol=1e-5, atol=1e-6)
+    for a, e, name in zip(torch.autograd.grad(loss, (hd, Wd, bd)), gref, ("hidden", "weight", "bias")):
+        torch.testing.assert_close(a.double().cpu(), e, rtol=1e-4, atol=1e-6, msg=f"grad of {name}")
+    ok = labels != -100
+    assert metrics["ce"] == pytest.approx(float(torch.nn.functional.cross_entropy(z[ok], labels[ok])), rel=1e-5)
+    kd_mean = float(topk_kl_div_ref(z, vals.detach(), ids, labels=labels, **dict(kw, num_items=None)))
+    assert metrics["kd"] == pytest.approx(kd_mean, rel=1e-5, abs=1e-7)
+    if mode == "dense":
+        agree = (z.argmax(-1) == vals.argmax(-1))[ok].double().mean()
+    else:
+        q = torch.log_softmax(z / T, -1).gather(1, ids).exp().sum(-1)
+        assert metrics["student_topk_mass"] == pytest.approx(float(q[ok].mean()), rel=1e-5)
+        assert metrics["teacher_topk_mass"] == pytest.approx(float(vals.exp().sum(-1)[ok].mean()), rel=1e-5)
+        agree = (z.argmax(-1) == ids.gather(1, vals.argmax(-1, keepdim=True)).squeeze(1))[ok].double().mean()
+    assert metrics["top1_agreement"] == pytest.approx(float(agree))
+
+
+def test_linear_distill_loss_refusals():
+    h, W = torch.randn(4, 3), torch.randn(9, 3)
+    vals, ids = kdkernels.teacher_topk(torch.randn(4, 9), 2)
+    with pytest.raises(ValueError, match=re.escape("labels out of range [0, 9) (or ignore_index = -100): found 9")):
+        kdkernels.linear_distill_loss(h, W, torch.tensor([1, 9, 2, 3]), vals, ids, mode="tail", values_are="logprobs")
+    with pytest.raises(ValueError, match=re.escape("labels must be an integer tensor of hidden's leading shape (4,)")):
+        kdkernels.linear_distill_loss(h, W, torch.zeros(4), vals, ids, mode="tail", values_are="logprobs")
+    with pytest.raises(ValueError, match=re.escape("reduction must be 'mean'")):
+        kdkernels.linear_distill_loss(h, W, torch.zeros(4, dtype=torch.long), vals, ids, reduction="sum")
