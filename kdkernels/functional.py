@@ -116,6 +116,37 @@ def _topk_prepare(op: str, shape, device, teacher_values, teacher_indices, *, va
     return _TopkInputs(lead, values, ids, valid, options)
 
 
+def _align_vocab(op: str, vocab: int, teacher_values: torch.Tensor, mode: str, valid_vocab, teacher_vocab):
+    """The student's effective vocabulary size and the teacher values aligned to it (docs/topk_kl.md,
+    'Vocabularies of different sizes'). valid_vocab excludes a padded embedding table's extra rows from the
+    student's softmax; a dense teacher of another width is cut ('truncate') or padded with -inf ('pad')."""
+    pre = f"kdkernels.{op}: "
+    if teacher_vocab not in (None, "truncate", "pad"):
+        raise ValueError(f"{pre}teacher_vocab must be None, 'truncate' or 'pad': got {teacher_vocab!r}")
+    v = vocab
+    if valid_vocab is not None:
+        if isinstance(valid_vocab, bool) or not isinstance(valid_vocab, int) or not 1 <= valid_vocab <= vocab:
+            raise ValueError(f"{pre}valid_vocab must be an int in [1, {vocab}] (the student's vocabulary "
+                             f"size): got {valid_vocab!r}")
+        v = valid_vocab
+    if mode != "dense" or not isinstance(teacher_values, torch.Tensor) or teacher_values.dim() < 1:
+        return v, teacher_values
+    vt = teacher_values.shape[-1]
+    if vt == v:
+        return v, teacher_values
+    if vt == vocab and valid_vocab is not None:  # the same padded table on both sides: drop the padding
+        return v, teacher_values[..., :v]
+    if teacher_vocab == "truncate" and vt > v:
+        return v, teacher_values[..., :v]
+    if teacher_vocab == "pad" and vt < v:
+        pad = teacher_values.new_full(tuple(teacher_values.shape[:-1]) + (v - vt,), float("-inf"))
+        return v, torch.cat([teacher_values, pad], -1)
+    raise ValueError(f"{pre}the teacher's vocabulary ({vt}) and the student's ({v}"
+                     f"{', valid_vocab' if valid_vocab is not None else ''}) differ: pass "
+                     f"teacher_vocab='truncate' (drop the teacher's ids >= {v}) or 'pad' (the student's ids >= {vt} "
+                     "get teacher probability 0), or valid_vocab= for a padded student table")
+
+
 def topk_kl_div(
     student_logits: torch.Tensor,
     teacher_values: torch.Tensor,
@@ -135,6 +166,8 @@ def topk_kl_div(
     num_items: Optional[Union[int, float, torch.Tensor]] = None,
     out_of_range: str = "error",
     validate: bool = True,
+    valid_vocab: Optional[int] = None,
+    teacher_vocab: Optional[str] = None,
 ) -> torch.Tensor:
     """Divergence between a sparse (top-k) or dense teacher and the full student softmax, fused.
 
@@ -142,7 +175,13 @@ def topk_kl_div(
     mode='dense'. Exact definitions of every mode, divergence and option: docs/topk_kl.md.
     The teacher is a constant target (no gradient). Returns float32 (float64 for float64 logits).
     validate=True checks id ranges and duplicates (one host sync on CUDA; pass False to skip).
+    valid_vocab=n keeps only the first n logits in the softmax (a padded embedding table); a dense teacher
+    of another width needs teacher_vocab='truncate' or 'pad' (docs/topk_kl.md).
     """
+    if student_logits.dim() >= 1:
+        v, teacher_values = _align_vocab("topk_kl_div", student_logits.shape[-1], teacher_values, mode, valid_vocab,
+                                         teacher_vocab)
+        student_logits = student_logits[..., :v]
     x = _topk_prepare("topk_kl_div", student_logits.shape, student_logits.device, teacher_values, teacher_indices,
                       values_are=values_are, mode=mode, divergence=divergence, beta=beta, skew=skew,
                       temperature=temperature, mask=mask, ignore_index=ignore_index, labels=labels,

@@ -4,7 +4,7 @@ from typing import Optional, Union
 import torch
 
 from . import _ops
-from .functional import _require_backend, _shape, _t2, _topk_prepare
+from .functional import _align_vocab, _require_backend, _shape, _t2, _topk_prepare
 
 # Default bytes for one chunk's logits and their gradient (2 x rows x V elements): small enough that
 # the chunk is a fraction of the (N, H) / (V, H) tensors the step holds anyway, large enough that each
@@ -267,6 +267,10 @@ def _run_linear(op, hidden, weight, bias, teacher_values, teacher_indices, chunk
     if chunk_size is not None and not chunk_size >= 1:
         raise ValueError(f"{pre}chunk_size must be >= 1: got {chunk_size}")
     kw = dict(kwargs)
+    vocab, teacher_values = _align_vocab(op, vocab, teacher_values, kw.get("mode", "renorm"),
+                                         kw.pop("valid_vocab", None), kw.pop("teacher_vocab", None))
+    weight = weight[:vocab]  # valid_vocab: the padded rows of the head take no part (and get no gradient)
+    bias = None if bias is None else bias[:vocab]
     temperature = kw.get("temperature", 1.0)
     scale_by_t2 = kw.pop("scale_by_t2", True)
     reduction, num_items = kw.get("reduction", "mean"), kw.get("num_items")
@@ -325,7 +329,7 @@ def linear_topk_kl_div(
     only scales them); reduction='none' recomputes each chunk's logits in the backward instead.
     """
     allowed = {"values_are", "mode", "divergence", "beta", "skew", "temperature", "scale_by_t2", "mask",
-               "ignore_index", "labels", "reduction", "num_items", "out_of_range"}
+               "ignore_index", "labels", "reduction", "num_items", "out_of_range", "valid_vocab", "teacher_vocab"}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise TypeError(f"kdkernels.linear_topk_kl_div: unexpected keyword argument(s): {', '.join(unknown)}")
@@ -360,13 +364,13 @@ def linear_distill_loss(
     """
     pre = "kdkernels.linear_distill_loss: "
     allowed = {"values_are", "mode", "divergence", "beta", "skew", "temperature", "scale_by_t2", "mask",
-               "ignore_index", "reduction", "num_items", "out_of_range"}
+               "ignore_index", "reduction", "num_items", "out_of_range", "valid_vocab", "teacher_vocab"}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise TypeError(f"{pre}unexpected keyword argument(s): {', '.join(unknown)}")
     if kwargs.get("reduction", "mean") != "mean":
         raise ValueError(f"{pre}reduction must be 'mean' (use num_items for a sum / n): got {kwargs['reduction']!r}")
-    vocab = weight.shape[0] if weight.dim() == 2 else 0
+    vocab = kwargs.get("valid_vocab") or (weight.shape[0] if weight.dim() == 2 else 0)
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64) or \
             tuple(labels.shape) != tuple(hidden.shape[:-1]):
         got = f"{labels.dtype} {_shape(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__

@@ -217,6 +217,10 @@ def vocab_parallel_linear_topk_kl_div(
     start, vocab = _slice_of(group, local_weight.shape[0], vocab_start, vocab_size, hidden.device)
     mode = kwargs.get("mode", "renorm")
     validate = kwargs.pop("validate", True)
+    for name in ("valid_vocab", "teacher_vocab"):  # the local slices would need the global cut: not supported
+        if kwargs.get(name) is not None:
+            raise ValueError(f"kdkernels.{pre}: {name} is not supported on vocab-parallel heads (slice the "
+                             "sharded table so its padding is excluded)")
 
     def core_for(options):
         return VocabParallelCore(options, start, vocab, group, f"kdkernels.{pre}: ", validate)

@@ -533,3 +533,69 @@ def test_refusal_wrong_device(what):
     kw[what] = kw[what].cuda()
     with pytest.raises(ERRORS, match=re.escape(f"{P}{what} must be on the device of student_logits: expected cpu, got cuda:0")):
         kdkernels.topk_kl_div(z, kw.pop("teacher_values"), kw.pop("teacher_indices"), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabularies of different sizes: valid_vocab (a padded student table), teacher_vocab (dense widths)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,divergence", [("tail", "reverse_kl"), ("renorm", "forward_kl"), ("support", "jsd"),
+                                             ("dense", "jsd")])
+def test_valid_vocab_excludes_padded_rows(device, mode, divergence):
+    N, V, pad, K = 7, 61, 5, 6  # a student table padded from 61 to 66 rows
+    z = make_student(N, V + pad, torch.float32, device)
+    full_t = torch.randn(N, V + pad, dtype=torch.float64) * 2
+    if mode == "dense":
+        vals, ids = full_t.float().to(device), None  # the same padded layout: cut to valid_vocab as well
+        ref_vals = vals[:, :V]
+    else:
+        vals, ids = kdkernels.teacher_topk(full_t, K, values_are="logprobs")
+        ids[:, 0] = V + 2  # a teacher id in the padding: dropped, its mass in the tail
+        vals, ids, ref_vals = vals.float().to(device), ids.to(device), None
+    kw = dict(mode=mode, divergence=divergence, values_are="logprobs", reduction="none")
+    if mode != "dense":
+        with pytest.raises(ERRORS, match=re.escape(f"teacher_indices out of range [0, {V}): found {V + 2}")):
+            kdkernels.topk_kl_div(z, vals, ids, valid_vocab=V, **kw)
+        kw["out_of_range"] = "drop"
+    loss = kdkernels.topk_kl_div(z, vals, ids, valid_vocab=V, **kw)
+    (g,) = torch.autograd.grad(loss.sum(), z)
+    assert (g[:, V:] == 0).all()
+    zr = z.detach()[:, :V].clone().requires_grad_()
+    want = kdkernels.topk_kl_div(zr, ref_vals if mode == "dense" else vals, ids, **kw)
+    (gw,) = torch.autograd.grad(want.sum(), zr)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(g[:, :V], gw)
+
+
+def test_dense_teacher_of_another_width(device):
+    N, Vs = 5, 40
+    z = make_student(N, Vs, torch.float64, device)
+    wide, narrow = torch.randn(N, Vs + 3, dtype=torch.float64).to(device), torch.randn(N, Vs - 4, dtype=torch.float64).to(device)
+    kw = dict(mode="dense", reduction="none")
+    for t in (wide, narrow):
+        with pytest.raises(ValueError, match=re.escape(f"the teacher's vocabulary ({t.shape[1]}) and the student's "
+                                                       f"({Vs}) differ: pass teacher_vocab='truncate'")):
+            kdkernels.topk_kl_div(z, t, **kw)
+    cut = kdkernels.topk_kl_div(z, wide, teacher_vocab="truncate", **kw)
+    torch.testing.assert_close(cut, kdkernels.topk_kl_div(z, wide[:, :Vs], **kw))
+    padded = kdkernels.topk_kl_div(z, narrow, teacher_vocab="pad", divergence="forward_kl", **kw)
+    full = torch.cat([narrow, torch.full((N, 4), float("-inf"), dtype=torch.float64, device=device)], -1)
+    torch.testing.assert_close(padded, kdkernels.topk_kl_div(z, full, **kw))
+    with pytest.raises(ValueError, match=re.escape("valid_vocab must be an int in [1, 40]")):
+        kdkernels.topk_kl_div(z, wide[:, :Vs], valid_vocab=41, **kw)
+
+
+def test_valid_vocab_fused_linear():
+    N, H, V, pad = 9, 8, 50, 6
+    h = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V + pad, H, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(N, V + pad, dtype=torch.float64)
+    got = kdkernels.linear_topk_kl_div(h, W, t, mode="dense", valid_vocab=V, chunk_size=4)
+    gh, gw = torch.autograd.grad(got, (h, W))
+    want = kdkernels.topk_kl_div(h @ W[:V].t(), t[:, :V], mode="dense")
+    wh, ww = torch.autograd.grad(want, (h, W))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gh, wh)
+    torch.testing.assert_close(gw, ww)
+    assert (gw[V:] == 0).all()

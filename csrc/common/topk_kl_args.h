@@ -19,7 +19,7 @@ TopkArgs topk_kl_parse(const at::Tensor& logits, const at::Tensor& values,
                        const std::string& mode, const std::string& divergence, double param,
                        double temperature, bool values_are_logprobs, bool drop_out_of_range);
 
-// The backward's saved inputs: grad_loss (N,), lse (N,), coef (N, K), stat (N, 2), in the accumulation
+// The backward's saved inputs: grad_loss (N,), lse (N,), coef (N, K), stat (N, kTopkStat), in the accumulation
 // dtype (float64 for float64 logits, else float32), on the logits' device. A raw call with anything else
 // would read out of bounds.
 void topk_kl_check_saved(const TopkArgs& a, const at::Tensor& logits, const at::Tensor& grad_loss,
