@@ -12,12 +12,13 @@ using OptTensor = c10::optional<at::Tensor>;
 #define KDK_TOPK_KL_FWD_ARGS                                                                      \
   const at::Tensor &logits, const at::Tensor &values, const OptTensor &indices,                    \
       const OptTensor &row_mask, c10::string_view mode, c10::string_view divergence, double param, \
-      double temperature, bool values_are_logprobs, bool drop_out_of_range, bool validate
+      double temperature, bool values_are_logprobs, bool drop_out_of_range, bool validate, double logit_scale, \
+      double softcap
 #define KDK_TOPK_KL_BWD_ARGS                                                                        \
   const at::Tensor &grad_loss, const at::Tensor &logits, const at::Tensor &values,                   \
       const OptTensor &indices, const at::Tensor &lse, const at::Tensor &coef, const at::Tensor &stat, \
       c10::string_view mode, c10::string_view divergence, double param, double temperature,          \
-      bool values_are_logprobs
+      bool values_are_logprobs, double logit_scale, double softcap
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_cpu(KDK_TOPK_KL_FWD_ARGS);
 at::Tensor topk_kl_bwd_cpu(KDK_TOPK_KL_BWD_ARGS);

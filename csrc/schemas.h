@@ -8,10 +8,11 @@ namespace kdk {
 inline void define_ops(torch::Library& m) {
   // Fused top-k KL (docs/topk_kl.md): per-row losses and the statistics the backward needs.
   m.def("topk_kl_fwd(Tensor logits, Tensor values, Tensor? indices, Tensor? row_mask, str mode, str divergence, "
-        "float param, float temperature, bool values_are_logprobs, bool drop_out_of_range, bool validate) "
-        "-> (Tensor loss, Tensor lse, Tensor coef, Tensor stat)");
+        "float param, float temperature, bool values_are_logprobs, bool drop_out_of_range, bool validate, "
+        "float logit_scale=1., float softcap=0.) -> (Tensor loss, Tensor lse, Tensor coef, Tensor stat)");
   m.def("topk_kl_bwd(Tensor grad_loss, Tensor logits, Tensor values, Tensor? indices, Tensor lse, Tensor coef, "
-        "Tensor stat, str mode, str divergence, float param, float temperature, bool values_are_logprobs) -> Tensor");
+        "Tensor stat, str mode, str divergence, float param, float temperature, bool values_are_logprobs, "
+        "float logit_scale=1., float softcap=0.) -> Tensor");
   // Batched log-domain Sinkhorn (docs/sinkhorn.md): values, the potentials of every iteration, the
   // iteration counts and (when asked) the plans; the backward of the unrolled loop or the envelope.
   m.def("sinkhorn_fwd(Tensor cost, Tensor? log_a, Tensor? log_b, float eps, int n_iters, float tol, "

@@ -1,4 +1,6 @@
 """Fake (meta) kernels of every kdkernels op, so torch.compile can trace them; they mirror the C++ shape checks."""
+import math
+
 import torch
 
 _PREFIX = "kdkernels.topk_kl_div: "
@@ -54,10 +56,19 @@ def check_topk_options(mode, divergence, param, temperature, values_are_logprobs
         _fail(f"{'beta' if divergence == 'jsd' else 'skew'} must be in [0, 1]: got {param}")
 
 
+def check_logit_map(logit_scale, softcap):
+    """topk_kl_logit_map's checks (csrc/common/topk_kl_args.cpp), same texts."""
+    if not (logit_scale > 0 and math.isfinite(logit_scale)):
+        _fail(f"logit_scale must be > 0: got {logit_scale}")
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        _fail(f"softcap must be >= 0 (0 or None: no cap): got {softcap}")
+
+
 @_fake("topk_kl_fwd")
 def _topk_kl_fwd_fake(logits, values, indices, row_mask, mode, divergence, param, temperature,
-                      values_are_logprobs, drop_out_of_range, validate):
+                      values_are_logprobs, drop_out_of_range, validate, logit_scale=1.0, softcap=0.0):
     check_topk_options(mode, divergence, param, temperature, values_are_logprobs)
+    check_logit_map(logit_scale, softcap)
     n = logits.shape[0]
     k = 0 if mode == "dense" else values.shape[1]
     acc = _acc_dtype(logits)
@@ -67,8 +78,9 @@ def _topk_kl_fwd_fake(logits, values, indices, row_mask, mode, divergence, param
 
 @_fake("topk_kl_bwd")
 def _topk_kl_bwd_fake(grad_loss, logits, values, indices, lse, coef, stat, mode, divergence, param,
-                      temperature, values_are_logprobs):
+                      temperature, values_are_logprobs, logit_scale=1.0, softcap=0.0):
     check_topk_options(mode, divergence, param, temperature, values_are_logprobs)
+    check_logit_map(logit_scale, softcap)
     n, k, acc = logits.shape[0], 0 if mode == "dense" else values.shape[1], _acc_dtype(logits)
     for name, t, shape, exact in (("grad_loss", grad_loss, (n,), False), ("lse", lse, (n,), True),
                                   ("coef", coef, (n, k), True), ("stat", stat, (n, 4), True)):

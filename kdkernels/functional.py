@@ -65,11 +65,13 @@ class _TopkInputs(NamedTuple):
     values: torch.Tensor   # (N, K), or (N, V) for mode='dense'
     ids: Optional[torch.Tensor]
     valid: Optional[torch.Tensor]  # (N,) bool, or None when every row counts
-    options: tuple         # (mode, divergence, param, temperature, logprobs, drop): the ops' option args
+    options: tuple         # (mode, divergence, param, temperature, logprobs, drop, logit_scale, softcap): the
+                           # ops' option args (the last two after `validate` in topk_kl_fwd)
 
 
 def _topk_prepare(op: str, shape, device, teacher_values, teacher_indices, *, values_are, mode, divergence, beta,
-                  skew, temperature, mask, ignore_index, labels, reduction, num_items, out_of_range) -> _TopkInputs:
+                  skew, temperature, mask, ignore_index, labels, reduction, num_items, out_of_range,
+                  logit_scale=1.0, softcap=None) -> _TopkInputs:
     """Checks every argument of the top-k KL family against the student's logits shape (..., V)."""
     pre = f"kdkernels.{op}: "
     if values_are not in ("logits", "logprobs"):
@@ -80,6 +82,10 @@ def _topk_prepare(op: str, shape, device, teacher_values, teacher_indices, *, va
     for name, val in (("beta", beta), ("skew", skew)):
         if not 0 <= val <= 1:
             raise ValueError(f"{pre}{name} must be in [0, 1]: got {val}")
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"{pre}logit_scale must be > 0: got {logit_scale}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"{pre}softcap must be None or > 0: got {softcap}")
     if not temperature > 0:
         raise ValueError(f"{pre}temperature must be > 0: got {temperature}")
     if len(shape) < 1 or shape[-1] == 0:
@@ -112,8 +118,23 @@ def _topk_prepare(op: str, shape, device, teacher_values, teacher_indices, *, va
     values = teacher_values.reshape(-1, width)
     ids = None if teacher_indices is None else teacher_indices.reshape(-1, width)
     param = beta if divergence == "jsd" else skew
-    options = (mode, divergence, float(param), float(temperature), values_are == "logprobs", out_of_range == "drop")
+    options = (mode, divergence, float(param), float(temperature), values_are == "logprobs", out_of_range == "drop",
+               float(logit_scale), float(softcap or 0.0))
     return _TopkInputs(lead, values, ids, valid, options)
+
+
+def logit_map(z: torch.Tensor, logit_scale: float = 1.0, softcap: Optional[float] = None) -> torch.Tensor:
+    """A model's final-logit map in PyTorch (what the kernels apply in place): scale, then cap * tanh(. / cap)."""
+    z = z * logit_scale if logit_scale != 1.0 else z
+    return softcap * torch.tanh(z / softcap) if softcap else z
+
+
+def _logit_map_deriv(z: torch.Tensor, logit_scale: float, softcap: Optional[float]) -> torch.Tensor:
+    """d logit_map / d z, as s sech^2(u) = s 4 e^{-2|u|} / (1 + e^{-2|u|})^2 (exact where tanh rounds to 1)."""
+    if not softcap:
+        return torch.full_like(z, logit_scale)
+    e = torch.exp(-2.0 * (z * (logit_scale / softcap)).abs())
+    return logit_scale * 4.0 * e / (1.0 + e) ** 2
 
 
 def _align_vocab(op: str, vocab: int, teacher_values: torch.Tensor, mode: str, valid_vocab, teacher_vocab):
@@ -168,6 +189,8 @@ def topk_kl_div(
     validate: bool = True,
     valid_vocab: Optional[int] = None,
     teacher_vocab: Optional[str] = None,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Divergence between a sparse (top-k) or dense teacher and the full student softmax, fused.
 
@@ -176,7 +199,9 @@ def topk_kl_div(
     The teacher is a constant target (no gradient). Returns float32 (float64 for float64 logits).
     validate=True checks id ranges and duplicates (one host sync on CUDA; pass False to skip).
     valid_vocab=n keeps only the first n logits in the softmax (a padded embedding table); a dense teacher
-    of another width needs teacher_vocab='truncate' or 'pad' (docs/topk_kl.md).
+    of another width needs teacher_vocab='truncate' or 'pad' (docs/topk_kl.md). logit_scale and softcap
+    apply the student model's final-logit map to raw logits, as the model does (scale, then
+    softcap * tanh(z / softcap), then the temperature), with exact gradients.
     """
     if student_logits.dim() >= 1:
         v, teacher_values = _align_vocab("topk_kl_div", student_logits.shape[-1], teacher_values, mode, valid_vocab,
@@ -185,7 +210,8 @@ def topk_kl_div(
     x = _topk_prepare("topk_kl_div", student_logits.shape, student_logits.device, teacher_values, teacher_indices,
                       values_are=values_are, mode=mode, divergence=divergence, beta=beta, skew=skew,
                       temperature=temperature, mask=mask, ignore_index=ignore_index, labels=labels,
-                      reduction=reduction, num_items=num_items, out_of_range=out_of_range)
+                      reduction=reduction, num_items=num_items, out_of_range=out_of_range,
+                      logit_scale=logit_scale, softcap=softcap)
     _require_backend(student_logits, "topk_kl_div")
     z = student_logits.reshape(-1, student_logits.shape[-1])
     rows = TopKKL.apply(z, x.values, x.ids, x.valid, *x.options, validate)[0]

@@ -4,7 +4,7 @@ from typing import Optional, Union
 import torch
 
 from . import _ops
-from .functional import _align_vocab, _require_backend, _shape, _t2, _topk_prepare
+from .functional import _align_vocab, _logit_map_deriv, _require_backend, _shape, _t2, _topk_prepare, logit_map
 
 # Default bytes for one chunk's logits and their gradient (2 x rows x V elements): small enough that
 # the chunk is a fraction of the (N, H) / (V, H) tensors the step holds anyway, large enough that each
@@ -60,11 +60,12 @@ class LocalCore:
         self.options, self.validate = options, validate
 
     def fwd(self, z, values, ids, valid):
-        loss, lse, coef, stat = _ops.lib.topk_kl_fwd(z, values, ids, valid, *self.options, self.validate)
+        o = self.options
+        loss, lse, coef, stat = _ops.lib.topk_kl_fwd(z, values, ids, valid, *o[:6], self.validate, *o[6:])
         return loss, lse, coef, stat, ids
 
     def bwd(self, grad_rows, z, values, ids, lse, coef, stat):
-        return _ops.lib.topk_kl_bwd(grad_rows, z, values, ids, lse, coef, stat, *self.options[:5])
+        return _ops.lib.topk_kl_bwd(grad_rows, z, values, ids, lse, coef, stat, *self.options[:5], *self.options[6:])
 
 
 class _Grads:
@@ -193,12 +194,17 @@ class _CrossEntropy:
 
     def __init__(self, labels, ce_row_weight, valid, x, vocab, t2):
         self.labels, self.w, self.valid, self.vocab, self.t2 = labels, ce_row_weight, valid, vocab, t2
-        mode, _, _, temperature, logprobs, _ = x.options
+        mode, _, _, temperature, logprobs = x.options[:5]
+        self.logit_map = x.options[6:]
         self.mode, self.logprobs, self.inv_t = mode, logprobs, 1.0 / temperature
         self.sums = dict(ce=0.0, kd=0.0, teacher_topk_mass=0.0, student_topk_mass=0.0, top1_agreement=0.0)
         self.ce_sum, self.ce_count, self.rows = 0.0, 0, 0
 
     def chunk(self, a, b, z, g, values, ids, lse, stat, kd_rows):
+        scale, cap = self.logit_map
+        raw = z
+        if scale != 1.0 or cap > 0:  # the model's logits, and the chain rule's factor (chunk temporaries)
+            z = logit_map(raw, scale, cap or None)
         y = self.labels[a:b]
         ok = y >= 0
         yc = y.clamp(0, self.vocab - 1)[:, None]
@@ -210,8 +216,9 @@ class _CrossEntropy:
         self._metrics(a, b, z, values, ids, lse, stat, kd_rows)
         wc = self.w[a:b]
         if g is not None:  # + w (softmax(z) - onehot(y)), one chunk-sized temporary
-            g.addcmul_(torch.sub(z, lse1[:, None]).exp_(), wc[:, None])
-            g.scatter_add_(1, yc, -wc[:, None].to(g.dtype))
+            ce_g = torch.sub(z, lse1[:, None]).exp_().mul_(wc[:, None])
+            ce_g.scatter_add_(1, yc, -wc[:, None].to(g.dtype))
+            g.add_(ce_g.mul_(_logit_map_deriv(raw, scale, cap or None)) if z is not raw else ce_g)
         return (ce * wc).sum()
 
     def _metrics(self, a, b, z, values, ids, lse, stat, kd_rows):
@@ -239,6 +246,7 @@ class _CrossEntropy:
         if not self.logprobs and self.mode != "dense":
             del out["teacher_topk_mass"]  # raw teacher logits carry no full-vocabulary mass
         out["ce"] = self.ce_sum / max(self.ce_count, 1)
+        out["tokens"], out["kd_rows"] = float(self.ce_count), float(self.rows)  # what the means are over
         return out
 
 
@@ -276,7 +284,8 @@ def _run_linear(op, hidden, weight, bias, teacher_values, teacher_indices, chunk
     reduction, num_items = kw.get("reduction", "mean"), kw.get("num_items")
     for name, default in (("values_are", "logits"), ("mode", "renorm"), ("divergence", "forward_kl"), ("beta", 0.5),
                           ("skew", 0.1), ("temperature", 1.0), ("mask", None), ("ignore_index", -100),
-                          ("labels", None), ("reduction", "mean"), ("num_items", None), ("out_of_range", "error")):
+                          ("labels", None), ("reduction", "mean"), ("num_items", None), ("out_of_range", "error"),
+                          ("logit_scale", 1.0), ("softcap", None)):
         kw.setdefault(name, default)
     x = _topk_prepare(op, tuple(hidden.shape[:-1]) + (vocab,), hidden.device, teacher_values, teacher_indices, **kw)
     _require_backend(hidden, op)
@@ -329,7 +338,8 @@ def linear_topk_kl_div(
     only scales them); reduction='none' recomputes each chunk's logits in the backward instead.
     """
     allowed = {"values_are", "mode", "divergence", "beta", "skew", "temperature", "scale_by_t2", "mask",
-               "ignore_index", "labels", "reduction", "num_items", "out_of_range", "valid_vocab", "teacher_vocab"}
+               "ignore_index", "labels", "reduction", "num_items", "out_of_range", "valid_vocab", "teacher_vocab",
+               "logit_scale", "softcap"}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise TypeError(f"kdkernels.linear_topk_kl_div: unexpected keyword argument(s): {', '.join(unknown)}")
@@ -364,7 +374,8 @@ def linear_distill_loss(
     """
     pre = "kdkernels.linear_distill_loss: "
     allowed = {"values_are", "mode", "divergence", "beta", "skew", "temperature", "scale_by_t2", "mask",
-               "ignore_index", "reduction", "num_items", "out_of_range", "valid_vocab", "teacher_vocab"}
+               "ignore_index", "reduction", "num_items", "out_of_range", "valid_vocab", "teacher_vocab",
+               "logit_scale", "softcap"}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise TypeError(f"{pre}unexpected keyword argument(s): {', '.join(unknown)}")
@@ -397,6 +408,53 @@ def linear_distill_loss(
                                chunk_size, memory_budget, kw, vocab, lambda options: LocalCore(options, validate),
                                extra_for=extra_for, kd_scale=kd_weight)
     return total, extra.metrics()
+
+
+@torch.no_grad()
+def linear_teacher_topk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    values_are: str = "logprobs",
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+):
+    """teacher_topk(hidden @ weight.T + bias, k, temperature) from the teacher's last hidden state, a chunk
+    of rows at a time: the teacher's (N, V) float32 logits never exist at once (ModelOpt #2334: 30 GiB per
+    tensor at seq 32768, V = 248k). Logits are made in float32 from 16-bit operands (as in
+    linear_topk_kl_div) and go through the teacher's final-logit map (logit_scale, softcap) first.
+    Returns (values (..., k) float32, ids (..., k) int64); values are log-probs at `temperature` over the
+    full vocabulary ('logprobs') or the mapped raw logits ('logits')."""
+    pre = "kdkernels.linear_teacher_topk: "
+    if values_are not in ("logits", "logprobs"):
+        raise ValueError(f"{pre}values_are must be 'logits' or 'logprobs': got {values_are!r}")
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{pre}weight must have shape (V, H) with H = hidden.shape[-1]: got {_shape(weight.shape)}")
+    V = weight.shape[0]
+    if not 1 <= int(k) <= V:
+        raise ValueError(f"{pre}k must be in [1, V = {V}]: got {k}")
+    if not temperature > 0:
+        raise ValueError(f"{pre}temperature must be > 0: got {temperature}")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    n = h.shape[0]
+    head = _Head(weight, bias)
+    chunk = int(chunk_size) if chunk_size is not None else chunk_rows(n, V, torch.float32, memory_budget)
+    vals = torch.empty(n, int(k), dtype=head.acc, device=h.device)
+    ids = torch.empty(n, int(k), dtype=torch.int64, device=h.device)
+    for a in range(0, n, chunk):
+        z = logit_map(head.logits(h[a:a + chunk]), logit_scale, softcap)
+        top, idx = z.topk(int(k), dim=-1)
+        if values_are == "logprobs":
+            top = top / temperature - torch.logsumexp(z / temperature, -1, keepdim=True)
+        vals[a:a + chunk], ids[a:a + chunk] = top, idx
+        del z
+    lead = tuple(hidden.shape[:-1])
+    return vals.reshape(*lead, int(k)), ids.reshape(*lead, int(k))
 
 
 class LinearTopKKLDivLoss(torch.nn.Module):

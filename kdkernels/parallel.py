@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from . import _ops
-from .functional import _reduce, _require_backend, _t2, _topk_prepare
+from .functional import _reduce, _require_backend, _t2, _topk_prepare, logit_map
 from .linear import _run_linear, chunk_rows
 from .reference import _DIVERGENCE_FNS, sparse_rows_ref
 
@@ -27,21 +27,25 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _global_lse(x: torch.Tensor, scale: float, group, rows_per_chunk: int = 1024):
-    """logsumexp over the global vocabulary of x * scale, x (N, V_local): a max and a sum all-reduce.
+def _identity(t):
+    return t
+
+
+def _global_lse(x: torch.Tensor, scale: float, group, rows_per_chunk: int = 1024, fn=None):
+    """logsumexp over the global vocabulary of fn(x) * scale, x (N, V_local): a max and a sum all-reduce.
 
     Returned as (hi, lo), hi the rounded value and lo the rest (the ops' stat layout, docs/topk_kl.md):
     log-probs formed as (x - hi) - lo are as exact as eager's log_softmax."""
     acc = _acc(x)
     m = torch.empty(x.shape[0], dtype=acc, device=x.device)
     for a in range(0, x.shape[0], rows_per_chunk):  # chunks bound the float32 temporaries
-        m[a:a + rows_per_chunk] = x[a:a + rows_per_chunk].to(acc).amax(-1) * scale
+        m[a:a + rows_per_chunk] = (fn or _identity)(x[a:a + rows_per_chunk].to(acc)).amax(-1) * scale
     local_m = m.clone()
     dist.all_reduce(m, dist.ReduceOp.MAX, group=group)
     s = torch.zeros_like(m)
     for a in range(0, x.shape[0], rows_per_chunk):
         sl = slice(a, a + rows_per_chunk)
-        e = torch.exp(x[sl].to(acc) * scale - m[sl, None])
+        e = torch.exp((fn or _identity)(x[sl].to(acc)) * scale - m[sl, None])
         s[sl] = torch.where(torch.isfinite(m[sl]), e.sum(-1), 0.0)
     del local_m
     dist.all_reduce(s, group=group)
@@ -73,11 +77,12 @@ class VocabParallelCore:
             options, start, vocab, group, pre, validate
 
     def fwd(self, z, values, ids, valid):
-        mode, div, param, temperature, logprobs, drop = self.options
+        mode, div, param, temperature, logprobs, drop, scale, cap = self.options
         inv_t = 1.0 / temperature
         acc = _acc(z)
         n, v_local = z.shape
-        lse, lse_lo = _global_lse(z, inv_t, self.group)
+        fmap = (lambda t: logit_map(t, scale, cap or None)) if scale != 1.0 or cap > 0 else _identity
+        lse, lse_lo = _global_lse(z, inv_t, self.group, fn=fmap)
         loss = torch.zeros(n, dtype=acc, device=z.device)
         stat = torch.zeros(n, 4, dtype=acc, device=z.device)  # G, lse_lo, teacher lse (hi, lo)
         keep = valid if valid is not None else torch.ones(n, dtype=torch.bool, device=z.device)
@@ -86,7 +91,7 @@ class VocabParallelCore:
             lse_t, lse_t_lo = _global_lse(values, t_scale, self.group)
             ok = keep & (lse_t > _NEG_INF)  # rows without teacher mass contribute 0 (docs/topk_kl.md)
             with torch.enable_grad():
-                log_q = ((z[ok].to(acc) * inv_t - lse[ok, None]) - lse_lo[ok, None]).requires_grad_()
+                log_q = ((fmap(z[ok].to(acc)) * inv_t - lse[ok, None]) - lse_lo[ok, None]).requires_grad_()
                 log_p = (values[ok].to(acc) * t_scale - lse_t[ok, None]) - lse_t_lo[ok, None]
                 part = _DIVERGENCE_FNS[div](log_p, log_q, param)  # separable over v: a partial sum
                 h, = torch.autograd.grad(part.sum(), log_q) if part.numel() else (torch.zeros_like(log_q),)
@@ -100,7 +105,7 @@ class VocabParallelCore:
             _validate_ids(ids, self.vocab, drop, self.pre)
         local = ids.long() - self.start
         inside = (local >= 0) & (local < v_local)
-        gathered = (z.gather(1, local.clamp(0, v_local - 1)).to(acc) * inv_t - lse[:, None]) - lse_lo[:, None]
+        gathered = (fmap(z.gather(1, local.clamp(0, v_local - 1)).to(acc)) * inv_t - lse[:, None]) - lse_lo[:, None]
         log_q_s = torch.where(inside, gathered, _NEG_INF)
         dist.all_reduce(log_q_s, dist.ReduceOp.MAX, group=self.group)  # exactly one rank owns each id
         coef = torch.zeros_like(log_q_s)
@@ -115,9 +120,9 @@ class VocabParallelCore:
         return loss, lse, coef, stat, torch.where(inside, local, -1)
 
     def bwd(self, grad_rows, z, values, local_ids, lse, coef, stat):
-        mode, div, param, temperature, logprobs, _ = self.options
+        mode, div, param, temperature, logprobs, _, scale, cap = self.options
         return _ops.lib.topk_kl_bwd(grad_rows, z, values, local_ids, lse, coef, stat, mode, div, param,
-                                               temperature, logprobs)
+                                    temperature, logprobs, scale, cap)
 
 
 class VocabParallelTopKKL(torch.autograd.Function):
@@ -171,6 +176,8 @@ def vocab_parallel_topk_kl_div(
     num_items: Optional[Union[int, float, torch.Tensor]] = None,
     out_of_range: str = "error",
     validate: bool = True,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """topk_kl_div of the logits that the ranks of `group` hold in vocabulary slices, equal on every rank.
 
@@ -184,7 +191,7 @@ def vocab_parallel_topk_kl_div(
     start, vocab = _slice_of(group, local_logits.shape[-1], vocab_start, vocab_size, local_logits.device)
     kw = dict(values_are=values_are, mode=mode, divergence=divergence, beta=beta, skew=skew, temperature=temperature,
               mask=mask, ignore_index=ignore_index, labels=labels, reduction=reduction, num_items=num_items,
-              out_of_range=out_of_range)
+              out_of_range=out_of_range, logit_scale=logit_scale, softcap=softcap)
     shape = local_logits.shape if mode == "dense" else tuple(local_logits.shape[:-1]) + (vocab,)
     x = _topk_prepare(pre, shape, local_logits.device, teacher_values, teacher_indices, **kw)
     _require_backend(local_logits, pre)

@@ -52,6 +52,8 @@ def _vocab_parallel(rank, world):
         for reduction in ("mean", "none"):
             kw = dict(mode=mode, divergence=div, values_are=values_are, temperature=1.3, labels=labels,
                       reduction=reduction)
+            if reduction == "none":  # and the student's final-logit map (Cohere's scale, Gemma's softcap)
+                kw.update(logit_scale=0.8, softcap=3.0)
             if mode == "dense":
                 vals = teacher if values_are == "logits" else torch.log_softmax(teacher, -1)
                 ids, local_vals = None, vals[:, lo:hi]

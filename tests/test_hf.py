@@ -17,6 +17,7 @@ import kdkernels  # noqa: E402
 from cache_helpers import assert_topk_match  # noqa: E402
 from kdkernels.cache import TeacherCache, build_cache  # noqa: E402
 from kdkernels.integrations.hf import CONFIG_NAME, DistillationTrainer, PadCollator, shift_labels  # noqa: E402
+from utils import PEAK_RSS  # noqa: E402
 
 V = 67  # an odd vocabulary
 
@@ -208,3 +209,120 @@ def test_refusals(tmp_path):
     # hard labels only: no teacher needed
     tr = train(tmp_path / "ce", ds, loss=kdkernels.DistillationLoss(ce_weight=1.0, terms={}), args=dict(max_steps=1))
     assert "loss_ce" in tr.state.log_history[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused path: the student's last hidden state and its lm_head, never the (N, V) logits
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["live", "cache"])
+def test_fused_path_trains_like_the_logits_path(tmp_path, source):
+    seqs = data()
+    kw = dict(teacher=teacher()) if source == "live" else {}
+    if source == "cache":
+        build_cache(teacher(), seqs, str(tmp_path / "cache"), k=8, temperature=1.0, batch_size=5)
+        cache = TeacherCache(str(tmp_path / "cache"), vocab_size=V, k=8)
+        ds, kw = cache.dataset(), dict(teacher_cache=cache)
+    else:
+        ds = [{"input_ids": s} for s in seqs]
+    fused = train(tmp_path / "f", ds, args=dict(gradient_accumulation_steps=2, per_device_train_batch_size=2), **kw)
+    plain = train(tmp_path / "p", ds, args=dict(gradient_accumulation_steps=2, per_device_train_batch_size=2),
+                  fused=False, **kw)
+    assert fused.fused_reason is None and plain.fused_reason == "fused=False"
+    assert_same_params(params(fused.model), params(plain.model), rtol=1e-4, atol=1e-5)
+    for a, b in zip([h for h in fused.state.log_history if "loss" in h], [h for h in plain.state.log_history if "loss" in h]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["loss_kd"] == pytest.approx(b["loss_kd"], rel=1e-4)
+        assert a["loss_ce"] == pytest.approx(b["loss_ce"], rel=1e-4)
+        assert 0 <= a["top1_agreement"] <= 1 and 0 < a["student_topk_mass"] <= 1 and 0 < a["teacher_topk_mass"] <= 1
+
+
+def _gemma(seed=0, cap=5.0):
+    torch.manual_seed(seed)
+    cfg = transformers.Gemma2Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                    max_position_embeddings=64, final_logit_softcapping=cap,
+                                    attn_logit_softcapping=None, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    m = transformers.Gemma2ForCausalLM(cfg)
+    with torch.no_grad():  # logits large enough for the cap to bite
+        m.get_output_embeddings().weight.mul_(40.0)
+    return m
+
+
+def test_gemma2_softcap_applied_in_the_fused_path(tmp_path):
+    ds = [{"input_ids": s} for s in data(8)]
+    fused = train(tmp_path / "f", ds, model=_gemma(), teacher=teacher())
+    plain = train(tmp_path / "p", ds, model=_gemma(), teacher=teacher(), fused=False)  # HF's .logits are capped
+    uncapped = train(tmp_path / "u", ds, model=_gemma(cap=None), teacher=teacher())
+    assert fused.fused_reason is None
+    assert_same_params(params(fused.model), params(plain.model), rtol=1e-4, atol=1e-5)
+    lf = [h["loss"] for h in fused.state.log_history if "loss" in h]
+    lu = [h["loss"] for h in uncapped.state.log_history if "loss" in h]
+    assert abs(lf[0] - lu[0]) > 1e-3 * abs(lu[0])  # the cap changes the loss: it was applied, not ignored
+
+
+def test_fused_path_falls_back_and_says_why(tmp_path, caplog):
+    ds = [{"input_ids": s} for s in data(4)]
+    loss = kdkernels.DistillationLoss(ce_weight=0.5, terms={"kd": {"fn": "topk_kl", "weight": 0.5, "mode": "dense"}})
+    tr = DistillationTrainer(model=student(), args=args(tmp_path), train_dataset=ds, loss=loss, teacher=teacher())
+    assert tr.fused_reason == "term 'kd' has mode='dense', which needs the teacher's full logits"
+
+    class Odd(torch.nn.Module):
+        config = type("C", (), {"output_logits_scaling": 2.0})()
+    with pytest.raises(ValueError, match="output_logits_scaling = 2.0, a final-logit transform the fused path cannot"):
+        kdkernels.integrations.hf.logit_map_of(Odd())
+
+
+_TRAINER_MEMORY_SCRIPT = r"""
+import json, os, sys, tempfile
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch, transformers, kdkernels
+from kdkernels.integrations.hf import DistillationTrainer
+transformers.logging.set_verbosity_error()
+torch.set_num_threads(2)
+V, H, B, L = 65536, 256, 4, 1024                 # N = 4096 tokens: the (N, V) float32 logits are 1.07 GB
+def model(seed):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=256, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.LlamaForCausalLM(cfg)
+student, teacher = model(0), model(1)
+loss = kdkernels.DistillationLoss(ce_weight=0.5, terms={"kd": {"fn": "topk_kl", "weight": 0.5, "mode": "tail", "k": 32}})
+args = transformers.TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to="none",
+                                      per_device_train_batch_size=B, disable_tqdm=True)
+tr = DistillationTrainer(model=student, args=args, loss=loss, teacher=teacher, fused=sys.argv[1] == "fused",
+                         train_dataset=[{"input_ids": [3] * L}])
+g = torch.Generator().manual_seed(0)
+batch = tr.data_collator([{"input_ids": torch.randint(3, V, (L,), generator=g).tolist()} for _ in range(B)])
+base = reset_peak()
+student.train()
+out = tr.compute_loss(student, batch)
+out.backward()
+grads = {n: p.grad.double().norm().item() for n, p in student.named_parameters() if p.grad is not None}
+print(json.dumps({"peak_extra": rss("VmHWM:") - base, "loss": out.item(), "grads": grads}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_fused_trainer_step_memory():
+    """A step at V = 65536, N = 4096, H = 256 (float32, CPU): the fused step's peak memory above its start is at
+    most 0.35x the logits step's, with the same loss and gradients."""
+    import subprocess
+    import sys
+    out = {}
+    for path in ("fused", "logits"):
+        res = subprocess.run([sys.executable, "-c", PEAK_RSS + _TRAINER_MEMORY_SCRIPT, path], capture_output=True,
+                             text=True,
+                             timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[path] = json.loads(res.stdout.strip().splitlines()[-1])
+    f, p = out["fused"], out["logits"]
+    print(f"trainer step peak memory above start: fused {f['peak_extra'] / 2**20:.0f} MiB, "
+          f"logits {p['peak_extra'] / 2**20:.0f} MiB ({f['peak_extra'] / p['peak_extra']:.2f}x)")
+    assert f["loss"] == pytest.approx(p["loss"], rel=1e-5)
+    for name, v in p["grads"].items():
+        assert f["grads"][name] == pytest.approx(v, rel=1e-4), name
+    assert p["peak_extra"] > 2 << 30, out  # the logits step really holds several (N, V) float32 tensors
+    assert f["peak_extra"] <= 0.35 * p["peak_extra"], out

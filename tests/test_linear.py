@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kdkernels
+from utils import PEAK_RSS
 
 MODES = [("renorm", "forward_kl"), ("tail", "forward_kl"), ("tail", "jsd"), ("support", "reverse_kl"),
          ("support", "tvd"), ("dense", "skew_forward_kl"), ("dense", "forward_kl")]
@@ -119,12 +120,7 @@ W = (torch.randn(V, H) / H ** 0.5).requires_grad_()
 ids = torch.randint(0, V, (N, K))
 ids = torch.rand(N, V).argsort(-1)[:, :K] if False else torch.stack([torch.randperm(V)[:K] for _ in range(8)]).repeat(N // 8, 1)
 vals = torch.log_softmax(torch.randn(N, K), -1) - 0.5
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-open("/proc/self/clear_refs", "w").write("5")   # reset the peak-RSS counter (VmHWM)
-base = rss("VmRSS:")
+base = reset_peak()
 if sys.argv[1] == "fused":
     loss = kdkernels.linear_topk_kl_div(h, W, vals, ids, values_are="logprobs", mode="tail", memory_budget=64 << 20)
 else:
@@ -138,7 +134,7 @@ print(json.dumps({"peak_extra": rss("VmHWM:") - base, "loss": loss.item()}))
 def test_peak_memory_below_a_quarter_of_unfused():
     out = {}
     for path in ("fused", "unfused"):
-        res = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, path], capture_output=True, text=True,
+        res = subprocess.run([sys.executable, "-c", PEAK_RSS + _MEMORY_SCRIPT, path], capture_output=True, text=True,
                              timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
         out[path] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -273,3 +269,24 @@ def test_linear_distill_loss_refusals():
         kdkernels.linear_distill_loss(h, W, torch.zeros(4), vals, ids, mode="tail", values_are="logprobs")
     with pytest.raises(ValueError, match=re.escape("reduction must be 'mean'")):
         kdkernels.linear_distill_loss(h, W, torch.zeros(4, dtype=torch.long), vals, ids, reduction="sum")
+
+
+@pytest.mark.parametrize("values_are", ["logprobs", "logits"])
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_linear_teacher_topk_matches_full_logits(values_are, cap):
+    from kdkernels.functional import logit_map
+    N, H, V, k = 23, 16, 301, 9
+    h, W = torch.randn(2, N, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
+    b = torch.randn(V, dtype=torch.float64)
+    vals, ids = kdkernels.linear_teacher_topk(h, W, k, bias=b, temperature=1.5, values_are=values_are, softcap=cap,
+                                              logit_scale=0.7, chunk_size=7)
+    want_v, want_i = kdkernels.teacher_topk(logit_map(h @ W.t() + b, 0.7, cap), k, temperature=1.5,
+                                            values_are=values_are)
+    assert vals.shape == (2, N, k) and ids.dtype == torch.int64
+    torch.testing.assert_close(ids, want_i)
+    torch.testing.assert_close(vals, want_v)
+    # 16-bit weights: float32 logits, never rounded to bf16 before the top-k
+    vb, ib = kdkernels.linear_teacher_topk(h.bfloat16(), W.bfloat16(), k, chunk_size=5)
+    full = h.bfloat16().double() @ W.bfloat16().double().t()
+    assert vb.dtype == torch.float32
+    torch.testing.assert_close(vb.double(), torch.log_softmax(full, -1).gather(-1, ib), rtol=1e-5, atol=1e-5)

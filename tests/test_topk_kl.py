@@ -599,3 +599,92 @@ def test_valid_vocab_fused_linear():
     torch.testing.assert_close(gh, wh)
     torch.testing.assert_close(gw, ww)
     assert (gw[V:] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The student's final-logit map: logit_scale (Cohere) and softcap (Gemma 2/3), scale -> cap -> temperature
+# ---------------------------------------------------------------------------------------------
+
+SOFTCAP_COMBOS = [("renorm", "forward_kl"), ("tail", "reverse_kl"), ("support", "jsd"), ("dense", "skew_reverse_kl"),
+                  ("dense", "tvd")]
+
+
+@pytest.mark.parametrize("scale,cap", [(1.0, 5.0), (0.0625, None), (0.5, 4.0)])
+@pytest.mark.parametrize("mode,divergence", SOFTCAP_COMBOS)
+def test_logit_scale_and_softcap_match_float64(device, mode, divergence, scale, cap):
+    from kdkernels.functional import logit_map
+    N, V, K = 9, 203, 7
+    z0 = torch.randn(N, V, dtype=torch.float64) * 8  # |z| up to ~30: tanh saturates, the cap matters
+    teacher = torch.randn(N, V, dtype=torch.float64) * 3
+    if mode == "dense":
+        vals, ids = teacher, None
+    else:
+        vals, ids = kdkernels.teacher_topk(teacher, K, temperature=1.7, values_are="logprobs")
+    kw = dict(mode=mode, divergence=divergence, values_are="logprobs" if mode == "tail" else "logits",
+              temperature=1.7, reduction="none")
+    z64 = z0.clone().requires_grad_()
+    ref = topk_kl_div_ref(logit_map(z64, scale, cap), vals, ids, **kw)
+    (gref,) = torch.autograd.grad(ref.sum(), z64)
+    for dtype in (torch.float64, torch.float32):
+        z = z0.to(dtype).to(device).requires_grad_()
+        got = kdkernels.topk_kl_div(z, vals.to(dtype if mode == "dense" else vals.dtype).to(device),
+                                    None if ids is None else ids.to(device), logit_scale=scale, softcap=cap, **kw)
+        (g,) = torch.autograd.grad(got.sum(), z)
+        tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.double().cpu(), ref.detach(), **tol)
+        torch.testing.assert_close(g.double().cpu(), gref, rtol=tol["rtol"], atol=tol["atol"] * float(gref.abs().max()))
+
+
+def test_softcap_fused_linear_and_distill_loss(device):
+    from kdkernels.functional import logit_map
+    N, H, V, K = 17, 10, 121, 5
+    h = torch.randn(N, H, dtype=torch.float64)
+    W = torch.randn(V, H, dtype=torch.float64) * 3
+    vals, ids = kdkernels.teacher_topk(torch.randn(N, V, dtype=torch.float64) * 3, K, values_are="logprobs")
+    labels = torch.randint(0, V, (N,))
+    labels[::4] = -100
+    kw = dict(mode="tail", values_are="logprobs", divergence="jsd", logit_scale=0.5, softcap=6.0)
+    hr, Wr = h.clone().requires_grad_(), W.clone().requires_grad_()
+    zr = logit_map(hr @ Wr.t(), 0.5, 6.0)
+    ce = torch.nn.functional.cross_entropy(zr, labels)
+    kd = topk_kl_div_ref(zr, vals, ids, labels=labels, **{k: v for k, v in kw.items() if k not in ("logit_scale", "softcap")})
+    gk = torch.autograd.grad(kd, (hr, Wr), retain_graph=True)
+    gt = torch.autograd.grad(0.4 * ce + 0.6 * kd, (hr, Wr))
+    hd, Wd = h.to(device).requires_grad_(), W.to(device).requires_grad_()
+    got = kdkernels.linear_topk_kl_div(hd, Wd, vals.to(device), ids.to(device), labels=labels.to(device),
+                                       chunk_size=5, **kw)
+    torch.testing.assert_close(got.detach().cpu(), kd.detach())
+    for a, e in zip(torch.autograd.grad(got, (hd, Wd)), gk):
+        torch.testing.assert_close(a.cpu(), e)
+    loss, metrics = kdkernels.linear_distill_loss(hd, Wd, labels.to(device), vals.to(device), ids.to(device),
+                                                  ce_weight=0.4, kd_weight=0.6, chunk_size=5, **kw)
+    torch.testing.assert_close(loss.detach().cpu(), (0.4 * ce + 0.6 * kd).detach())
+    for a, e in zip(torch.autograd.grad(loss, (hd, Wd)), gt):
+        torch.testing.assert_close(a.cpu(), e)
+    assert metrics["ce"] == pytest.approx(float(ce.detach()), rel=1e-9)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(logit_scale=0.0), "logit_scale must be > 0: got 0.0"),
+                                    (dict(softcap=-1.0), "softcap must be None or > 0: got -1.0")])
+def test_logit_map_refusals(kw, msg):
+    z = torch.randn(3, 9)
+    vals, ids = kdkernels.teacher_topk(torch.randn(3, 9), 2)
+    with pytest.raises(ValueError, match=re.escape("kdkernels.topk_kl_div: " + msg)):
+        kdkernels.topk_kl_div(z, vals, ids, **kw)
+
+
+def test_raw_ops_refuse_bad_logit_map(device):
+    z, t, ids, _, va = _raw_inputs("support", device)
+    for args, msg in (((0.0, 0.0), "logit_scale must be > 0: got 0"), ((1.0, -2.0), "softcap must be >= 0")):
+        with pytest.raises(ERRORS, match=re.escape("kdkernels.topk_kl_div: " + msg)):
+            _ops.lib.topk_kl_fwd(z, t, ids, None, "support", "forward_kl", 0.5, 1.0, va == "logprobs", False, True,
+                                 *args)
+
+
+def test_opcheck_with_softcap(device):
+    z, t, ids, row_mask, va = _raw_inputs("tail", device)
+    args = (z, t, ids, row_mask, "tail", "jsd", 0.5, 1.3, va == "logprobs", False, False, 0.7, 4.0)
+    torch.library.opcheck(_ops.lib.topk_kl_fwd.default, args)
+    loss, lse, coef, stat = _ops.lib.topk_kl_fwd(*args)
+    bwd_args = (torch.rand_like(loss), z, t, ids, lse, coef, stat, "tail", "jsd", 0.5, 1.3, va == "logprobs", 0.7, 4.0)
+    torch.library.opcheck(_ops.lib.topk_kl_bwd.default, bwd_args)

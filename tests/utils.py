@@ -127,3 +127,15 @@ def ref_loss_and_grad(ref_fn, student, values, ids, upstream=None, **kwargs):
     if grad is None:
         grad = torch.zeros_like(z)
     return loss.detach(), grad
+
+
+# Prepended to the subprocess scripts that measure one step's peak memory above its start (Linux /proc).
+PEAK_RSS = r"""
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+def reset_peak():
+    open("/proc/self/clear_refs", "w").write("5")   # reset the peak-RSS counter (VmHWM)
+    return rss("VmRSS:")
+"""

@@ -20,6 +20,8 @@ KDK_HD float klog(float x) { return ::logf(x); }
 KDK_HD double klog(double x) { return ::log(x); }
 KDK_HD float klog1p(float x) { return ::log1pf(x); }
 KDK_HD double klog1p(double x) { return ::log1p(x); }
+KDK_HD float ktanh(float x) { return ::tanhf(x); }
+KDK_HD double ktanh(double x) { return ::tanh(x); }
 KDK_HD float kexpm1(float x) { return ::expm1f(x); }
 KDK_HD double kexpm1(double x) { return ::expm1(x); }
 

@@ -1,6 +1,8 @@
 // Argument parsing and id validation of the top-k KL ops (one place for every refusal's text).
 #include "common/topk_kl_args.h"
 
+#include <cmath>
+
 #include <ATen/ATen.h>
 
 #include "common/checks.h"
@@ -95,6 +97,13 @@ TopkArgs topk_kl_parse(const at::Tensor& logits, const at::Tensor& values,
               shape_str(row_mask->sizes()), " ", dtype_str(row_mask->scalar_type()));
   }
   return a;
+}
+
+void topk_kl_logit_map(TopkArgs& a, double logit_scale, double softcap) {
+  KDK_CHECK(kOp, logit_scale > 0 && std::isfinite(logit_scale), "logit_scale must be > 0: got ", logit_scale);
+  KDK_CHECK(kOp, softcap >= 0 && std::isfinite(softcap), "softcap must be >= 0 (0 or None: no cap): got ", softcap);
+  a.logit_scale = logit_scale;
+  a.softcap = softcap;
 }
 
 void topk_kl_validate_ids(const at::Tensor& indices, int64_t V, bool drop) {

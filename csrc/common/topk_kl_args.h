@@ -11,7 +11,11 @@ struct TopkArgs {
   double param, temperature;
   bool logprobs, drop;
   int64_t N, V, K;
+  double logit_scale = 1, softcap = 0;  // the student's final-logit map (LogitMap in topk_kl_math.h)
 };
+
+// Checks and records the student's final-logit map: logit_scale > 0, softcap >= 0 (0 = none).
+void topk_kl_logit_map(TopkArgs& a, double logit_scale, double softcap);
 
 // Checks shapes, dtypes, devices and options; messages as in docs/topk_kl.md.
 TopkArgs topk_kl_parse(const at::Tensor& logits, const at::Tensor& values,

@@ -16,6 +16,25 @@ constexpr double kTailFloor = 1e-7;
 // the student's log-sum-exp (its high part is the `lse` output), the dense teacher's log-sum-exp (hi, lo).
 constexpr int kTopkStat = 4;
 
+// The student's final-logit map as the model applies it before the loss's temperature (Cohere's
+// logit_scale, Gemma's final_logit_softcapping): x -> s x, then c tanh(s x / c) when c > 0; and its
+// derivative, which the backward multiplies into every gradient entry.
+template <class T> struct LogitMap {
+  T scale, cap, inv_cap;
+  bool active;  // anything but the identity
+  KDK_HD LogitMap(double s, double c)
+      : scale(T(s)), cap(T(c)), inv_cap(c > 0 ? T(1.0 / c) : T(0)), active(s != 1.0 || c > 0) {}
+  KDK_HD T operator()(T x) const {
+    x *= scale;
+    return cap > T(0) ? cap * ktanh(x * inv_cap) : x;
+  }
+  KDK_HD T deriv(T x) const {  // s sech^2(u) = s 4 e^{-2|u|} / (1 + e^{-2|u|})^2: exact where tanh(u) rounds to 1
+    if (!(cap > T(0))) return scale;
+    const T e = kexp(T(-2) * kabs(x * scale * inv_cap)), d = T(1) + e;
+    return scale * T(4) * e / (d * d);
+  }
+};
+
 // log(w + (1 - w) e^d), w in (0, 1): accurate near d = 0 (P close to Q, where log(M / P) is tiny and a
 // logaddexp of two values near log w would cancel) and for any |d|.
 template <class T> KDK_HD T log_mix(T w, T d) {

@@ -27,6 +27,15 @@ const acc_t* as_acc(const scalar_t* z, int64_t V, std::vector<acc_t>& buf) {
   }
 }
 
+// The row through the student's final-logit map (a copy into buf), or the row itself without one.
+template <class acc_t>
+const acc_t* mapped(const acc_t* x, int64_t V, const LogitMap<acc_t>& map, std::vector<acc_t>& buf) {
+  if (!map.active) return x;
+  buf.resize(V);
+  for (int64_t v = 0; v < V; ++v) buf[v] = map(x[v]);
+  return buf.data();
+}
+
 // Rows per task: enough work per task to amortise scheduling on short rows.
 inline int64_t grain(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1)); }
 
@@ -56,8 +65,9 @@ void fwd_rows(const TopkArgs& a, const scalar_t* logits, int64_t ld, const acc_t
               acc_t* lse_out, acc_t* coef, acc_t* stat) {
   const acc_t inv_t = acc_t(1) / acc_t(a.temperature), param = acc_t(a.param);
   const int64_t V = a.V, K = a.K;
+  const LogitMap<acc_t> map(a.logit_scale, a.softcap);
   at::parallel_for(0, a.N, grain(V), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf, ybuf, lq(K), tv(K);
+    std::vector<acc_t> xbuf, mbuf, ybuf, lq(K), tv(K);
     SeqReducer r;
     for (int64_t n = begin; n < end; ++n) {
       acc_t* a_row = coef + n * K;
@@ -68,7 +78,7 @@ void fwd_rows(const TopkArgs& a, const scalar_t* logits, int64_t ld, const acc_t
         for (int64_t k = 0; k < K; ++k) a_row[k] = 0;
         continue;
       }
-      const acc_t* x = as_acc<scalar_t, acc_t>(logits + n * ld, V, xbuf);
+      const acc_t* x = mapped(as_acc<scalar_t, acc_t>(logits + n * ld, V, xbuf), V, map, mbuf);
       acc_t hi, lo;
       row_lse_split(x, V, inv_t, hi, lo);
       lse_out[n] = hi; st[1] = lo;
@@ -97,8 +107,9 @@ void bwd_rows(const TopkArgs& a, const acc_t* gl, const scalar_t* logits, int64_
   const acc_t inv_t = acc_t(1) / acc_t(a.temperature), param = acc_t(a.param);
   const acc_t t_scale = a.logprobs ? acc_t(1) : inv_t;
   const int64_t V = a.V, K = a.K;
+  const LogitMap<acc_t> map(a.logit_scale, a.softcap);
   at::parallel_for(0, a.N, grain(V), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf, ybuf, obuf;
+    std::vector<acc_t> xbuf, mbuf, ybuf, obuf;
     for (int64_t n = begin; n < end; ++n) {
       scalar_t* o = out + n * V;
       const acc_t* st = stat + n * kTopkStat;
@@ -108,7 +119,8 @@ void bwd_rows(const TopkArgs& a, const acc_t* gl, const scalar_t* logits, int64_
         std::fill(o, o + V, scalar_t(0));
         continue;
       }
-      const acc_t* x = as_acc<scalar_t, acc_t>(logits + n * ld, V, xbuf);
+      const acc_t* raw = as_acc<scalar_t, acc_t>(logits + n * ld, V, xbuf);
+      const acc_t* x = mapped(raw, V, map, mbuf);
       acc_t* ob;  // the row in acc_t: the output itself when the types agree
       if constexpr (std::is_same_v<scalar_t, acc_t>) ob = o; else { obuf.resize(V); ob = obuf.data(); }
       if (a.mode == kDense) {
@@ -129,6 +141,8 @@ void bwd_rows(const TopkArgs& a, const acc_t* gl, const scalar_t* logits, int64_
           ob[id] = c * (coef[n * K + k] - kexp((x[id] * inv_t - hi) - lo) * G);
         }
       }
+      if (map.active)  // chain rule through the final-logit map
+        for (int64_t v = 0; v < V; ++v) ob[v] *= map.deriv(raw[v]);
       if constexpr (!std::is_same_v<scalar_t, acc_t>)
         for (int64_t v = 0; v < V; ++v) o[v] = static_cast<scalar_t>(ob[v]);
     }
@@ -162,8 +176,9 @@ at::Tensor unit_stride_rows(const at::Tensor& t) { return t.stride(1) == 1 ? t :
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_cpu(KDK_TOPK_KL_FWD_ARGS) {
-  const TopkArgs a = topk_kl_parse(logits, values, indices, row_mask, std::string(mode), std::string(divergence),
+  TopkArgs a = topk_kl_parse(logits, values, indices, row_mask, std::string(mode), std::string(divergence),
                                    param, temperature, values_are_logprobs, drop_out_of_range);
+  topk_kl_logit_map(a, logit_scale, softcap);
   if (validate && a.mode != kDense) topk_kl_validate_ids(*indices, a.V, a.drop);
   const at::Tensor z = unit_stride_rows(logits);
   const auto acc_type = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -193,8 +208,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_cpu(KDK_T
 
 at::Tensor topk_kl_bwd_cpu(KDK_TOPK_KL_BWD_ARGS) {
   // The options were checked by the forward; parse again for the raw op's direct users.
-  const TopkArgs a = topk_kl_parse(logits, values, indices, c10::nullopt, std::string(mode), std::string(divergence),
+  TopkArgs a = topk_kl_parse(logits, values, indices, c10::nullopt, std::string(mode), std::string(divergence),
                                    param, temperature, values_are_logprobs, true);
+  topk_kl_logit_map(a, logit_scale, softcap);
   topk_kl_check_saved(a, logits, grad_loss, lse, coef, stat);
   const at::Tensor z = unit_stride_rows(logits);
   at::Tensor out = at::empty({a.N, a.V}, z.options());

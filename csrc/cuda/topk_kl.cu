@@ -47,13 +47,16 @@ template <class P> void fill_common(P& p, const TopkArgs& a, const at::Tensor& z
   p.K = static_cast<int>(a.K); p.mode = a.mode; p.div = a.div; p.logprobs = a.logprobs;
   p.param = static_cast<decltype(p.param)>(a.param);
   p.inv_t = static_cast<decltype(p.inv_t)>(1.0 / a.temperature);
+  p.logit_scale = a.logit_scale;
+  p.softcap = a.softcap;
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_cuda(KDK_TOPK_KL_FWD_ARGS) {
-  const TopkArgs a = topk_kl_parse(logits, values, indices, row_mask, std::string(mode), std::string(divergence),
+  TopkArgs a = topk_kl_parse(logits, values, indices, row_mask, std::string(mode), std::string(divergence),
                                    param, temperature, values_are_logprobs, drop_out_of_range);
+  topk_kl_logit_map(a, logit_scale, softcap);
   const DeviceGuard guard(logits.device());
   if (validate && a.mode != kDense) topk_kl_validate_ids(*indices, a.V, a.drop);
   const at::Tensor z = unit_stride_rows(logits);
@@ -103,8 +106,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_cuda(KDK_
 }
 
 at::Tensor topk_kl_bwd_cuda(KDK_TOPK_KL_BWD_ARGS) {
-  const TopkArgs a = topk_kl_parse(logits, values, indices, c10::nullopt, std::string(mode), std::string(divergence),
+  TopkArgs a = topk_kl_parse(logits, values, indices, c10::nullopt, std::string(mode), std::string(divergence),
                                    param, temperature, values_are_logprobs, true);
+  topk_kl_logit_map(a, logit_scale, softcap);
   topk_kl_check_saved(a, logits, grad_loss, lse, coef, stat);
   const DeviceGuard guard(logits.device());
   const at::Tensor z = unit_stride_rows(logits);

@@ -29,6 +29,7 @@ template <class scalar_t, class acc_t, class index_t, class teacher_t> struct To
   int64_t N, V, ld, ld_t;
   int K, mode, div, logprobs;
   acc_t param, inv_t;
+  double logit_scale, softcap;  // the student's final-logit map (LogitMap)
 };
 
 // Streams one row, calling f(v, x) for every element; 16-byte loads when the row is aligned.
@@ -52,11 +53,12 @@ template <class scalar_t, class F> __device__ __forceinline__ void for_row(const
 
 // Online (max, sum exp) of x * scale over a row, per thread then over the block; the log-sum-exp as
 // hi + lo (common/hd.h, lse_split) so that log-probs (x - hi) - lo are as exact as eager's.
-template <class T, class acc_t>
-__device__ void row_lse(const T* z, int64_t V, acc_t scale, acc_t* red, acc_t& hi, acc_t& lo) {
+// f maps a raw element to the value whose log-sum-exp is taken (x / T, through the logit map).
+template <class T, class acc_t, class F>
+__device__ void row_lse(const T* z, int64_t V, F f, acc_t* red, acc_t& hi, acc_t& lo) {
   acc_t m = neg_inf<acc_t>(), s = 0;
   for_row(z, V, [&](int64_t, T raw) {
-    const acc_t x = static_cast<acc_t>(raw) * scale;
+    const acc_t x = f(static_cast<acc_t>(raw));
     // -inf elements add nothing; skipping them also keeps exp(-inf - -inf) = NaN out of a thread whose
     // first elements are -inf (masked logits, teacher log-probs of masked ids).
     if (x > m) { s = s * kexp(m - x) + acc_t(1); m = x; }  // rare after the first few elements
@@ -82,17 +84,18 @@ template <class scalar_t, class acc_t, class index_t>
 __global__ void topk_kl_fwd_kernel(TopkParams<scalar_t, acc_t, index_t, scalar_t> p) {
   KDK_DYNAMIC_SMEM(smem_raw, 16);
   acc_t* red = reinterpret_cast<acc_t*>(smem_raw);  // 33 for reductions, then the epilogue scratch
+  const LogitMap<acc_t> map(p.logit_scale, p.softcap);
   for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {
     if (masked_row(p, n)) continue;
     const scalar_t* z = p.logits + n * p.ld;
     acc_t hi, lo;
-    row_lse<scalar_t, acc_t>(z, p.V, p.inv_t, red, hi, lo);
+    row_lse<scalar_t, acc_t>(z, p.V, [&](acc_t x) { return map(x) * p.inv_t; }, red, hi, lo);
     acc_t* lq = p.workspace ? p.workspace + n * 2 * p.K : red + 33;
     acc_t* tv = lq + p.K;
     for (int k = threadIdx.x; k < p.K; k += blockDim.x) {
       const int64_t id = static_cast<int64_t>(p.idx[n * p.K + k]);
       const bool ok = id >= 0 && id < p.V;  // out-of-range ids are dropped, never read
-      lq[k] = ok ? (static_cast<acc_t>(z[id]) * p.inv_t - hi) - lo : neg_inf<acc_t>();
+      lq[k] = ok ? (map(static_cast<acc_t>(z[id])) * p.inv_t - hi) - lo : neg_inf<acc_t>();
       tv[k] = ok ? p.tv[n * p.K + k] : neg_inf<acc_t>();
     }
     __syncthreads();
@@ -113,21 +116,22 @@ __global__ void topk_kl_dense_fwd_kernel(TopkParams<scalar_t, acc_t, int64_t, te
   KDK_DYNAMIC_SMEM(smem_raw, 16);
   acc_t* red = reinterpret_cast<acc_t*>(smem_raw);  // 33 for reductions (room for 33 doubles)
   const acc_t t_scale = p.logprobs ? acc_t(1) : p.inv_t;
+  const LogitMap<acc_t> map(p.logit_scale, p.softcap);
   for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {
     if (masked_row(p, n)) continue;
     const scalar_t* z = p.logits + n * p.ld;
     const teacher_t* y = p.tdense + n * p.ld_t;
     acc_t hi, lo, thi, tlo;
-    row_lse<scalar_t, acc_t>(z, p.V, p.inv_t, red, hi, lo);
-    row_lse<teacher_t, acc_t>(y, p.V, t_scale, red, thi, tlo);
+    row_lse<scalar_t, acc_t>(z, p.V, [&](acc_t x) { return map(x) * p.inv_t; }, red, hi, lo);
+    row_lse<teacher_t, acc_t>(y, p.V, [&](acc_t x) { return x * t_scale; }, red, thi, tlo);
     // The terms have both signs and their sum can be far smaller than they are: double accumulators
     // (one add per element, nothing next to the exps) keep the loss as exact as eager's pairwise sum.
     double total = 0, H = 0;
     const int64_t V = thi == neg_inf<acc_t>() ? 0 : p.V;  // no teacher mass: loss 0
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
       acc_t lq, l, h;
-      dense_bucket<acc_t>(p.div, p.param, static_cast<acc_t>(z[v]) * p.inv_t, static_cast<acc_t>(y[v]) * t_scale,
-                          hi, lo, thi, tlo, lq, l, h);
+      dense_bucket<acc_t>(p.div, p.param, map(static_cast<acc_t>(z[v])) * p.inv_t,
+                          static_cast<acc_t>(y[v]) * t_scale, hi, lo, thi, tlo, lq, l, h);
       total += l;
       H += h;
     }
@@ -167,6 +171,9 @@ __device__ __forceinline__ void map_row(const scalar_t* z, scalar_t* out, int64_
 // Sparse modes: grad_v = c (coef_k [v == S_k] - q_v G), q_v = exp(x_v / T - hi) exp(-lo).
 template <class scalar_t, class acc_t, class index_t>
 __global__ void topk_kl_bwd_kernel(TopkParams<scalar_t, acc_t, index_t, scalar_t> p) {
+  const LogitMap<acc_t> map(p.logit_scale, p.softcap);
+  // d/dz through the logit map: 1 without one (the branch is uniform over the grid)
+  auto chain = [&](acc_t x) { return map.active ? map.deriv(x) : acc_t(1); };
   for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {
     const scalar_t* z = p.logits + n * p.ld;
     scalar_t* o = p.grad + n * p.V;
@@ -179,7 +186,8 @@ __global__ void topk_kl_bwd_kernel(TopkParams<scalar_t, acc_t, index_t, scalar_t
     } else {
       const acc_t cg = -c * G * kexp(-lo);  // the low part folds into the row's constant
       map_row(z, o, p.V, [&](int64_t, scalar_t raw) {
-        return static_cast<scalar_t>(cg * kexp(static_cast<acc_t>(raw) * p.inv_t - hi));
+        const acc_t x = static_cast<acc_t>(raw);
+        return static_cast<scalar_t>(cg * kexp(map(x) * p.inv_t - hi) * chain(x));
       });
     }
     __syncthreads();  // the dense part is written; now overwrite the K support entries
@@ -187,8 +195,9 @@ __global__ void topk_kl_bwd_kernel(TopkParams<scalar_t, acc_t, index_t, scalar_t
     for (int k = threadIdx.x; k < p.K; k += blockDim.x) {
       const int64_t id = static_cast<int64_t>(p.idx[n * p.K + k]);
       if (id < 0 || id >= p.V) continue;  // dropped ids
-      const acc_t q = kexp((static_cast<acc_t>(z[id]) * p.inv_t - hi) - lo);
-      o[id] = static_cast<scalar_t>(c * (a[k] - q * G));
+      const acc_t x = static_cast<acc_t>(z[id]);
+      const acc_t q = kexp((map(x) * p.inv_t - hi) - lo);
+      o[id] = static_cast<scalar_t>(c * (a[k] - q * G) * chain(x));
     }
     __syncthreads();
   }
@@ -198,6 +207,7 @@ __global__ void topk_kl_bwd_kernel(TopkParams<scalar_t, acc_t, index_t, scalar_t
 template <class scalar_t, class acc_t, class teacher_t>
 __global__ void topk_kl_dense_bwd_kernel(TopkParams<scalar_t, acc_t, int64_t, teacher_t> p) {
   const acc_t t_scale = p.logprobs ? acc_t(1) : p.inv_t;
+  const LogitMap<acc_t> map(p.logit_scale, p.softcap);
   for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {
     const scalar_t* z = p.logits + n * p.ld;
     scalar_t* o = p.grad + n * p.V;
@@ -210,10 +220,11 @@ __global__ void topk_kl_dense_bwd_kernel(TopkParams<scalar_t, acc_t, int64_t, te
     }
     const teacher_t* y = p.tdense + n * p.ld_t;
     map_row(z, o, p.V, [&](int64_t v, scalar_t raw) {
+      const acc_t x = static_cast<acc_t>(raw);
       acc_t lq, l, h;
-      dense_bucket<acc_t>(p.div, p.param, static_cast<acc_t>(raw) * p.inv_t, static_cast<acc_t>(y[v]) * t_scale,
-                          hi, lo, thi, tlo, lq, l, h);
-      return static_cast<scalar_t>(c * (h - kexp(lq) * G));
+      dense_bucket<acc_t>(p.div, p.param, map(x) * p.inv_t, static_cast<acc_t>(y[v]) * t_scale, hi, lo, thi, tlo,
+                          lq, l, h);
+      return static_cast<scalar_t>(c * (h - kexp(lq) * G) * (map.active ? map.deriv(x) : acc_t(1)));
     });
   }
 }

@@ -36,10 +36,13 @@ except ImportError as e:  # pragma: no cover - depends on the install
                       "(or pip install transformers accelerate)") from e
 
 from ..cache.reader import CacheCollator, TeacherCache
-from ..distill import DistillationLoss, TeacherTargets
+from ..distill import DistillationLoss, KDInputs, TeacherTargets, TopKKLTerm
+from ..linear import linear_distill_loss, linear_teacher_topk
 
 _P = "kdkernels.integrations.hf.DistillationTrainer: "
 _TEACHER_KEYS = ("teacher_values", "teacher_ids", "teacher_lse", "cache_index")
+# What the student learns, logged beside the loss terms by the fused path (means per micro-batch).
+_METRICS = ("teacher_topk_mass", "student_topk_mass", "top1_agreement")
 CONFIG_NAME = "kdkernels_distillation.json"
 
 
@@ -78,6 +81,35 @@ def _logits(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+# Config attributes of a final-logit map, and how each maps onto (logit_scale, softcap).
+_LOGIT_MAP_KEYS = ("logit_scale", "final_logit_softcapping")
+# Config attributes of logit transforms the fused path cannot apply: a model carrying one is refused.
+_UNKNOWN_LOGIT_KEYS = ("output_logits_scaling", "logits_scaling", "attn_logit_softcapping_final")
+
+
+def logit_map_of(model) -> tuple:
+    """(logit_scale, softcap) the model applies to its final logits, read from its config (Cohere's
+    logit_scale, Gemma 2/3's final_logit_softcapping); (1.0, None) for the plain head. Refuses a config
+    that names a transform the fused path cannot reproduce instead of guessing."""
+    cfg = getattr(model, "config", None)
+    for key in _UNKNOWN_LOGIT_KEYS:
+        if cfg is not None and getattr(cfg, key, None) not in (None, 1, 1.0):
+            raise ValueError(f"{_P}{type(model).__name__}'s config sets {key} = {getattr(cfg, key)!r}, a final-logit "
+                             "transform the fused path cannot apply: pass fused=False")
+    scale = getattr(cfg, "logit_scale", None) if cfg is not None else None
+    cap = getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
+    return (1.0 if scale is None else float(scale)), (float(cap) if cap else None)
+
+
+def _head(model):
+    """The output layer (an nn.Linear: weight (V, H), optional bias), tied or not."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{_P}{type(model).__name__} has no nn.Linear output layer (get_output_embeddings()): "
+                         "pass fused=False")
+    return head
+
+
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """labels (B, L) -> (B, L): position i holds labels[i + 1]; the last position is ignore_index."""
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)
@@ -92,6 +124,12 @@ class DistillationTrainer(Trainer):
     teacher_cache: a TeacherCache (or its path) built over the training data; the dataset's items
       carry 'cache_index' (TeacherCache.dataset() gives them), and the default collator
       (CacheCollator) checks each item's input_ids against the cached tokens.
+    fused: True (default) computes the loss from the student's last hidden state and its lm_head with
+      kdkernels.linear_distill_loss (CE and the top-k term from one chunked pass: the (N, V) logits are
+      never held), and a live teacher's top-k from its last hidden state, chunk by chunk
+      (linear_teacher_topk). It applies when the loss is at most one 'topk_kl' term in a sparse mode
+      without label smoothing; otherwise the trainer says once in the log why it uses the logits.
+      Final-logit maps (logit_scale, final_logit_softcapping) are read from each model's config.
     Other arguments are transformers.Trainer's. Without data_collator, sequences are right-padded
     with the processing_class's pad_token_id (else 0).
     """
@@ -100,7 +138,7 @@ class DistillationTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, loss: DistillationLoss, teacher: Optional[torch.nn.Module] = None,
-                 teacher_cache: Union[TeacherCache, str, os.PathLike, None] = None, **kwargs):
+                 teacher_cache: Union[TeacherCache, str, os.PathLike, None] = None, fused: bool = True, **kwargs):
         if not isinstance(loss, DistillationLoss):
             raise TypeError(f"{_P}loss must be a kdkernels.DistillationLoss: got {type(loss).__name__}")
         if teacher is not None and teacher_cache is not None:
@@ -148,6 +186,28 @@ class DistillationTrainer(Trainer):
             teacher.requires_grad_(False)
         self._kd_sums: Dict[str, torch.Tensor] = {}
         self._kd_last_step = 0
+        self.fused_reason = self._why_not_fused(loss) if fused else "fused=False"
+        if self.fused_reason is None:
+            logit_map_of(self.model)  # refuse an unreadable final-logit map now, not at the first step
+            if teacher is not None:
+                logit_map_of(teacher)
+        elif fused:
+            transformers.logging.get_logger(__name__).warning(
+                f"{_P}computing the loss from the full logits: {self.fused_reason}")
+
+    @staticmethod
+    def _why_not_fused(loss: DistillationLoss) -> Optional[str]:
+        """None when the fused hidden-state path computes this loss exactly, else why not (for the log)."""
+        if loss.label_smoothing:
+            return "label_smoothing needs the full logits"
+        if len(loss.terms) > 1:
+            return f"{len(loss.terms)} distillation terms (the fused pass takes one top-k term)"
+        for label, term in loss.terms.items():
+            if not isinstance(term, TopKKLTerm):
+                return f"term '{label}' is not a topk_kl term"
+            if term.mode == "dense":
+                return f"term '{label}' has mode='dense', which needs the teacher's full logits"
+        return None
 
     # ------------------------------------------------------------------------------------ data
     def _set_signature_columns_if_needed(self):
@@ -184,12 +244,60 @@ class DistillationTrainer(Trainer):
             out = self.teacher(**inputs, **({"output_hidden_states": True} if need_hidden else {}))
         return TeacherTargets(logits=_logits(out), hidden_states=getattr(out, "hidden_states", None))
 
+    def _fused_loss(self, model, inputs, cached, labels, num_items):
+        """ce_weight * CE + weight * top-k KL from the last hidden states (docs/distill.md): the forward asks
+        for one position's logits only (logits_to_keep=1), the loss reads the lm_head weight directly."""
+        outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+        student = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
+        head = _head(student)
+        scale, cap = logit_map_of(student)
+        (label, term), = self.loss.terms.items() if self.loss.terms else ((None, None),)
+        kw = dict(ignore_index=self.loss.ignore_index, num_items=num_items, logit_scale=scale, softcap=cap)
+        if term is None:  # CE only: a zero-weight term on the labels keeps one code path
+            vals = ids = None
+        elif self.teacher_cache is not None:
+            targets = self._teacher_targets(inputs, cached)  # checks the cache's k and temperature against the term
+            vals, ids = KDInputs(student_logits=None, teacher=targets, mask=None, num_items=1).teacher_topk(
+                term.k, term.temperature, label)
+        else:
+            with torch.no_grad():
+                t_out = self.teacher(**inputs, output_hidden_states=True, logits_to_keep=1)
+            t_head = _head(self.teacher)
+            t_scale, t_cap = logit_map_of(self.teacher)
+            vals, ids = linear_teacher_topk(t_out.hidden_states[-1], t_head.weight, term.k, bias=t_head.bias,
+                                            temperature=term.temperature, logit_scale=t_scale, softcap=t_cap)
+        hidden = outputs.hidden_states[-1]
+        y = shift_labels(labels, self.loss.ignore_index)
+        if term is None:
+            vals, ids = torch.zeros(y.shape + (1,), device=hidden.device), torch.zeros(y.shape + (1,), dtype=torch.long,
+                                                                                       device=hidden.device)
+            kw.update(mode="support", values_are="logprobs")
+        else:
+            kw.update(mode=term.mode, divergence=term.divergence, beta=term.beta, skew=term.skew,
+                      temperature=term.temperature, scale_by_t2=term.scale_by_t2, out_of_range=term.out_of_range,
+                      values_are="logprobs")
+        loss, metrics = linear_distill_loss(hidden, head.weight, y, vals, ids, bias=head.bias,
+                                            ce_weight=self.loss.ce_weight,
+                                            kd_weight=self.loss.weights[label] if term is not None else 0.0, **kw)
+        n = float(num_items) if num_items is not None else max(metrics["tokens"], 1.0)
+        terms = {"ce": metrics["ce"] * metrics["tokens"] / n}
+        if term is not None:
+            terms[label] = metrics["kd"] * metrics["kd_rows"] / n
+            for key in ("teacher_topk_mass", "student_topk_mass", "top1_agreement"):
+                if key in metrics:
+                    terms[key] = metrics[key]
+        return loss, outputs, {k: torch.tensor(v) for k, v in terms.items()}
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         if labels is None:
             raise ValueError(f"{_P}the batch has no 'labels' (the default collators make them from input_ids)")
         cached = {k: inputs.pop(k) for k in _TEACHER_KEYS if k in inputs}
+        if self.fused_reason is None:
+            num_items = num_items_in_batch if model.training else None
+            loss, outputs, terms = self._fused_loss(model, inputs, cached, labels, num_items)
+            return self._finish(model, loss, outputs, terms, num_items, return_outputs)
         need_hidden = any(getattr(t, "needs_hidden_states", False) for t in self.loss.terms.values())
         outputs = model(**inputs, **({"output_hidden_states": True} if need_hidden else {}))
         logits = _logits(outputs)
@@ -198,15 +306,21 @@ class DistillationTrainer(Trainer):
         num_items = num_items_in_batch if model.training else None
         out = self.loss(logits, shift_labels(labels, self.loss.ignore_index), teacher=teacher, num_items=num_items,
                         student_hidden_states=getattr(outputs, "hidden_states", None))
-        loss = out.loss
+        return self._finish(model, out.loss, outputs, out.terms, num_items, return_outputs)
+
+    def _finish(self, model, loss, outputs, terms, num_items, return_outputs):
+        """Scales for DDP's gradient averaging and adds the terms (and metrics) to the running log sums."""
         scale = 1
         if (model.training and num_items is not None and self.args.average_tokens_across_devices
                 and self.args.world_size > 1):
             scale = self.args.world_size  # DDP averages gradients; the count was summed over processes
             loss = loss * scale
         if model.training:
-            for label, value in out.terms.items():
-                v = value.detach().float() * scale
+            for label, value in terms.items():
+                # terms add up over micro-batches (each is normalised by the whole batch's count); the
+                # metrics are per-micro-batch means, so each contributes its share of the step's mean
+                per = 1.0 / self.args.gradient_accumulation_steps if label in _METRICS else scale
+                v = value.detach().float().to(loss.device) * per
                 self._kd_sums[label] = self._kd_sums[label] + v if label in self._kd_sums else v
         return (loss, outputs) if return_outputs else loss
 
@@ -217,7 +331,8 @@ class DistillationTrainer(Trainer):
             for label, total in self._kd_sums.items():
                 if self.args.world_size > 1:
                     total = self.accelerator.gather(total.reshape(1)).mean()
-                logs[f"loss_{label}"] = round(float(total) / steps, 6)
+                name = label if label in _METRICS else f"loss_{label}"
+                logs[name] = round(float(total) / steps, 6)
             self._kd_sums = {}
             self._kd_last_step = self.state.global_step
         super().log(logs, *args, **kwargs)
