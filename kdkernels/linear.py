@@ -81,10 +81,17 @@ class _Grads:
         self.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
 
     def add(self, a, b, g, h):
+        head = self.head
         if self.hidden is not None:
-            self.hidden[a:b] = self.head.grad_hidden(g)
+            if head.mixed:
+                self.hidden[a:b] = head.grad_hidden(g)
+            else:  # written in place: no chunk-sized temporary
+                torch.mm(g, head.wide, out=self.hidden[a:b])
         if self.weight is not None:
-            self.weight += self.head.grad_weight(g, h)
+            if head.mixed:
+                self.weight += head.grad_weight(g, h)
+            else:
+                self.weight.addmm_(g.t(), h.to(head.acc))
         if self.bias is not None:
             self.bias += g.sum(0, dtype=self.bias.dtype)
 
@@ -446,13 +453,14 @@ def linear_teacher_topk(
     chunk = int(chunk_size) if chunk_size is not None else chunk_rows(n, V, torch.float32, memory_budget)
     vals = torch.empty(n, int(k), dtype=head.acc, device=h.device)
     ids = torch.empty(n, int(k), dtype=torch.int64, device=h.device)
-    for a in range(0, n, chunk):
-        z = logit_map(head.logits(h[a:a + chunk]), logit_scale, softcap)
-        top, idx = z.topk(int(k), dim=-1)
-        if values_are == "logprobs":
-            top = top / temperature - torch.logsumexp(z / temperature, -1, keepdim=True)
-        vals[a:a + chunk], ids[a:a + chunk] = top, idx
-        del z
+    with torch.autocast(h.device.type, enabled=False):  # float32 logits under autocast too
+        for a in range(0, n, chunk):
+            z = logit_map(head.logits(h[a:a + chunk]), logit_scale, softcap)
+            top, idx = z.topk(int(k), dim=-1)
+            if values_are == "logprobs":
+                top = top / temperature - torch.logsumexp(z / temperature, -1, keepdim=True)
+            vals[a:a + chunk], ids[a:a + chunk] = top, idx
+            del z
     lead = tuple(hidden.shape[:-1])
     return vals.reshape(*lead, int(k)), ids.reshape(*lead, int(k))
 

@@ -326,3 +326,12 @@ def test_fused_trainer_step_memory():
         assert f["grads"][name] == pytest.approx(v, rel=1e-4), name
     assert p["peak_extra"] > 2 << 30, out  # the logits step really holds several (N, V) float32 tensors
     assert f["peak_extra"] <= 0.35 * p["peak_extra"], out
+
+
+def test_fused_path_under_bf16_autocast(tmp_path):
+    """TrainingArguments(bf16=True): autocast around float32 parameters, as most people train."""
+    ds = [{"input_ids": s} for s in data(8)]
+    tr = train(tmp_path, ds, teacher=teacher(), args=dict(bf16=True))
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    assert tr.fused_reason is None and len(logs) == 2 and all(np.isfinite(h["loss"]) for h in logs)
+    assert not torch.equal(params(tr.model)["lm_head.weight"], params(student())["lm_head.weight"])

@@ -290,3 +290,25 @@ def test_linear_teacher_topk_matches_full_logits(values_are, cap):
     full = h.bfloat16().double() @ W.bfloat16().double().t()
     assert vb.dtype == torch.float32
     torch.testing.assert_close(vb.double(), torch.log_softmax(full, -1).gather(-1, ib), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_distill_loss_and_teacher_topk(device, amp_dtype):
+    N, H, V, K = 19, 16, 89, 6
+    h = torch.randn(N, H, device=device, requires_grad=True)
+    W = (torch.randn(V, H) / H ** 0.5).to(device).requires_grad_()
+    labels = torch.randint(0, V, (N,), device=device)
+    kw = dict(mode="tail", values_are="logprobs", ce_weight=0.3, kd_weight=0.7, softcap=4.0)
+    vals, ids = kdkernels.linear_teacher_topk(h.detach(), W.detach(), K)
+    want, _ = kdkernels.linear_distill_loss(h, W, labels, vals, ids, **kw)
+    gw = torch.autograd.grad(want, (h, W))
+    dev = "cpu" if str(device) == "cpu" else str(device)
+    with torch.autocast(device_type=dev, dtype=amp_dtype):
+        v2, i2 = kdkernels.linear_teacher_topk(h.detach(), W.detach(), K)
+        got, metrics = kdkernels.linear_distill_loss(h, W, labels, v2, i2, **kw)
+    torch.testing.assert_close(v2, vals)
+    assert torch.equal(i2, ids)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    for a, e in zip(torch.autograd.grad(got, (h, W)), gw):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
