@@ -20,10 +20,19 @@ using OptTensor = c10::optional<at::Tensor>;
       c10::string_view mode, c10::string_view divergence, double param, double temperature,          \
       bool values_are_logprobs, double logit_scale, double softcap
 
+// The backward written into the logits' own storage (docs/topk_kl.md, inplace_grad).
+#define KDK_TOPK_KL_BWD_INPLACE_ARGS                                                                   \
+  const at::Tensor &grad_loss, at::Tensor &logits, const at::Tensor &values, const OptTensor &indices, \
+      const at::Tensor &lse, const at::Tensor &coef, const at::Tensor &stat, c10::string_view mode,    \
+      c10::string_view divergence, double param, double temperature, bool values_are_logprobs,          \
+      double logit_scale, double softcap
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_cpu(KDK_TOPK_KL_FWD_ARGS);
 at::Tensor topk_kl_bwd_cpu(KDK_TOPK_KL_BWD_ARGS);
+void topk_kl_bwd_inplace_cpu(KDK_TOPK_KL_BWD_INPLACE_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_cuda(KDK_TOPK_KL_FWD_ARGS);
 at::Tensor topk_kl_bwd_cuda(KDK_TOPK_KL_BWD_ARGS);
+void topk_kl_bwd_inplace_cuda(KDK_TOPK_KL_BWD_INPLACE_ARGS);
 
 // Batched log-domain Sinkhorn and the SinKD cost (docs/sinkhorn.md).
 #define KDK_SINKHORN_FWD_ARGS                                                                       \

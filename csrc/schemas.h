@@ -13,6 +13,10 @@ inline void define_ops(torch::Library& m) {
   m.def("topk_kl_bwd(Tensor grad_loss, Tensor logits, Tensor values, Tensor? indices, Tensor lse, Tensor coef, "
         "Tensor stat, str mode, str divergence, float param, float temperature, bool values_are_logprobs, "
         "float logit_scale=1., float softcap=0.) -> Tensor");
+  // A mutating op's argument named `mode` collides with torch's mode-dispatch helpers (opcheck, compile).
+  m.def("topk_kl_bwd_inplace(Tensor grad_loss, Tensor(a!) logits, Tensor values, Tensor? indices, Tensor lse, "
+        "Tensor coef, Tensor stat, str topk_mode, str divergence, float param, float temperature, "
+        "bool values_are_logprobs, float logit_scale=1., float softcap=0.) -> ()");
   // Batched log-domain Sinkhorn (docs/sinkhorn.md): values, the potentials of every iteration, the
   // iteration counts and (when asked) the plans; the backward of the unrolled loop or the envelope.
   m.def("sinkhorn_fwd(Tensor cost, Tensor? log_a, Tensor? log_b, float eps, int n_iters, float tol, "

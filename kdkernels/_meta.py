@@ -76,6 +76,17 @@ def _topk_kl_fwd_fake(logits, values, indices, row_mask, mode, divergence, param
             logits.new_empty((n, k), dtype=acc), logits.new_empty((n, 4), dtype=acc))
 
 
+@_fake("topk_kl_bwd_inplace")
+def _topk_kl_bwd_inplace_fake(grad_loss, logits, values, indices, lse, coef, stat, topk_mode, divergence, param,
+                              temperature, values_are_logprobs, logit_scale=1.0, softcap=0.0):
+    _topk_kl_bwd_fake(grad_loss, logits, values, indices, lse, coef, stat, topk_mode, divergence, param, temperature,
+                      values_are_logprobs, logit_scale, softcap)
+    if not logits.is_contiguous():
+        _fail("inplace_grad=True needs contiguous student_logits (the gradient is written over them): got strides "
+              f"{_shape_str(logits.stride())}")
+    return None
+
+
 @_fake("topk_kl_bwd")
 def _topk_kl_bwd_fake(grad_loss, logits, values, indices, lse, coef, stat, mode, divergence, param,
                       temperature, values_are_logprobs, logit_scale=1.0, softcap=0.0):

@@ -10,28 +10,35 @@ class TopKKL(torch.autograd.Function):
 
     @staticmethod
     def forward(logits, values, indices, row_mask, mode, divergence, param, temperature, logprobs, drop, scale, cap,
-                validate):
+                validate, inplace=False):
         return _ops.lib.topk_kl_fwd(logits, values, indices, row_mask, mode, divergence, param, temperature, logprobs,
                                     drop, validate, scale, cap)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, values, indices, row_mask, mode, divergence, param, temperature, logprobs, _, scale, cap, _ = inputs
+        logits, values, indices, row_mask, mode, divergence, param, temperature, logprobs, _, scale, cap, _ = inputs[:13]
         _, lse, coef, stat = output
         ctx.save_for_backward(logits, values, indices, row_mask, lse, coef, stat)
         ctx.options = (mode, divergence, param, temperature, logprobs, scale, cap)
+        ctx.inplace = bool(inputs[13]) if len(inputs) > 13 else False
         ctx.mark_non_differentiable(lse, coef, stat)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         if not ctx.needs_input_grad[0]:
-            return (None,) * 13
+            return (None,) * 14
         logits, values, indices, row_mask, lse, coef, stat = ctx.saved_tensors
         if row_mask is not None:  # masked rows must get exactly zero, whatever the upstream gradient
             grad_loss = torch.where(row_mask, grad_loss, torch.zeros_like(grad_loss))
-        grad = _ops.lib.topk_kl_bwd(grad_loss, logits, values, indices, lse, coef, stat, *ctx.options)
+        if ctx.inplace:  # the gradient over the logits' own storage: one (N, V) tensor per step, not two
+            _ops.lib.topk_kl_bwd_inplace(grad_loss, logits, values, indices, lse, coef, stat, *ctx.options)
+            # Any other node that saved these logits now fails loudly ("modified by an inplace operation").
+            torch.autograd.graph.increment_version(logits)
+            grad = logits
+        else:
+            grad = _ops.lib.topk_kl_bwd(grad_loss, logits, values, indices, lse, coef, stat, *ctx.options)
         # The teacher is a constant target: no gradient flows to its values or ids.
-        return (grad,) + (None,) * 12
+        return (grad,) + (None,) * 13
 
 
 class Sinkhorn(torch.autograd.Function):

@@ -191,6 +191,7 @@ def topk_kl_div(
     teacher_vocab: Optional[str] = None,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
+    inplace_grad: bool = False,
 ) -> torch.Tensor:
     """Divergence between a sparse (top-k) or dense teacher and the full student softmax, fused.
 
@@ -201,8 +202,20 @@ def topk_kl_div(
     valid_vocab=n keeps only the first n logits in the softmax (a padded embedding table); a dense teacher
     of another width needs teacher_vocab='truncate' or 'pad' (docs/topk_kl.md). logit_scale and softcap
     apply the student model's final-logit map to raw logits, as the model does (scale, then
-    softcap * tanh(z / softcap), then the temperature), with exact gradients.
+    softcap * tanh(z / softcap), then the temperature), with exact gradients. inplace_grad=True writes the
+    gradient over the logits' own storage (they must be contiguous and made by an operation, not a leaf;
+    nothing else may need their values afterwards: autograd refuses a node that saved them).
     """
+    if inplace_grad:
+        if student_logits.requires_grad and student_logits.is_leaf:
+            raise ValueError("kdkernels.topk_kl_div: inplace_grad=True writes the gradient over student_logits: they "
+                             "must come from an operation (e.g. the lm_head), not be a leaf tensor")
+        if not student_logits.is_contiguous():
+            raise ValueError("kdkernels.topk_kl_div: inplace_grad=True needs contiguous student_logits (the gradient "
+                             f"is written over them): got strides {tuple(student_logits.stride())}")
+        if valid_vocab is not None and valid_vocab != student_logits.shape[-1]:
+            raise ValueError("kdkernels.topk_kl_div: inplace_grad=True cannot be combined with valid_vocab (the "
+                             "padded columns would keep their logits as gradient)")
     if student_logits.dim() >= 1:
         v, teacher_values = _align_vocab("topk_kl_div", student_logits.shape[-1], teacher_values, mode, valid_vocab,
                                          teacher_vocab)
@@ -214,7 +227,7 @@ def topk_kl_div(
                       logit_scale=logit_scale, softcap=softcap)
     _require_backend(student_logits, "topk_kl_div")
     z = student_logits.reshape(-1, student_logits.shape[-1])
-    rows = TopKKL.apply(z, x.values, x.ids, x.valid, *x.options, validate)[0]
+    rows = TopKKL.apply(z, x.values, x.ids, x.valid, *x.options, validate, bool(inplace_grad))[0]
     return _reduce("topk_kl_div", _t2(rows, temperature, scale_by_t2), x.valid, x.lead, reduction, num_items)
 
 

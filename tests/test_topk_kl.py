@@ -688,3 +688,71 @@ def test_opcheck_with_softcap(device):
     loss, lse, coef, stat = _ops.lib.topk_kl_fwd(*args)
     bwd_args = (torch.rand_like(loss), z, t, ids, lse, coef, stat, "tail", "jsd", 0.5, 1.3, va == "logprobs", 0.7, 4.0)
     torch.library.opcheck(_ops.lib.topk_kl_bwd.default, bwd_args)
+
+
+# ---------------------------------------------------------------------------------------------
+# inplace_grad: the gradient written over the logits' own storage
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,divergence,cap", [("tail", "jsd", None), ("renorm", "forward_kl", None),
+                                                 ("support", "tvd", 5.0), ("dense", "reverse_kl", None),
+                                                 ("dense", "jsd", 4.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_grad_matches_and_reuses_the_logits(device, mode, divergence, cap, dtype):
+    N, H, V, K = 13, 8, 301, 7
+    h = torch.randn(N, H, dtype=torch.float64).to(dtype).to(device).requires_grad_()
+    W = (torch.randn(V, H, dtype=torch.float64) * 2).to(dtype).to(device).requires_grad_()
+    teacher = torch.randn(N, V, dtype=torch.float64) * 2
+    if mode == "dense":
+        vals, ids = teacher.to(dtype).to(device), None
+    else:
+        vals, ids = kdkernels.teacher_topk(teacher, K, values_are="logprobs")
+        vals, ids = vals.float().to(device), ids.to(device)
+        ids[1, 2] = V + 4  # a dropped id
+    kw = dict(mode=mode, divergence=divergence, values_are="logprobs" if mode != "dense" else "logits",
+              softcap=cap, reduction="sum", out_of_range="drop")
+    out = {}
+    for inplace in (False, True):
+        z = h @ W.t()
+        z.retain_grad() if not inplace else None
+        loss = kdkernels.topk_kl_div(z, vals, ids, inplace_grad=inplace, **kw)
+        loss.backward()
+        g_z = z.grad if not inplace else z.detach().clone()  # in place: the logits tensor now holds d loss / d z
+        out[inplace] = (float(loss.detach()), h.grad.clone(), W.grad.clone(), g_z)
+        h.grad, W.grad = None, None
+    assert out[True][0] == out[False][0]
+    for a, b in zip(out[True][1:], out[False][1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same kernels: bit for bit
+
+
+
+def test_inplace_grad_refusals():
+    V, K = 31, 4
+    vals, ids = kdkernels.teacher_topk(torch.randn(5, V), K)
+    leaf = torch.randn(5, V, requires_grad=True)
+    with pytest.raises(ValueError, match=re.escape("inplace_grad=True writes the gradient over student_logits: they "
+                                                   "must come from an operation")):
+        kdkernels.topk_kl_div(leaf, vals, ids, inplace_grad=True)
+    w = torch.randn(V, 5, requires_grad=True)
+    with pytest.raises(ValueError, match=re.escape("inplace_grad=True needs contiguous student_logits")):
+        kdkernels.topk_kl_div((w * 1).t(), vals, ids, inplace_grad=True)
+    # Another node that saved the logits (here: before the loss) makes autograd refuse, never a wrong gradient.
+    z = w.t() * 2.0
+    z = z.contiguous()
+    extra = z.pow(2).mean()
+    loss = kdkernels.topk_kl_div(z, vals, ids, inplace_grad=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + extra).backward()
+
+
+def test_opcheck_inplace_backward(device):
+    z, t, ids, _, va = _raw_inputs("support", device)
+    loss, lse, coef, stat = _ops.lib.topk_kl_fwd(z, t, ids, None, "support", "tvd", 0.5, 1.3, va == "logprobs", False,
+                                                 False)
+    args = (torch.rand_like(loss), z.clone(), t, ids, lse, coef, stat, "support", "tvd", 0.5, 1.3, va == "logprobs")
+    torch.library.opcheck(_ops.lib.topk_kl_bwd_inplace.default, args)
+    want = _ops.lib.topk_kl_bwd(*args[:1], z, *args[2:])
+    zc = z.clone()
+    _ops.lib.topk_kl_bwd_inplace(args[0], zc, *args[2:])
+    torch.testing.assert_close(zc, want, rtol=0, atol=0)

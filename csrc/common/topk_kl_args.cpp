@@ -99,6 +99,11 @@ TopkArgs topk_kl_parse(const at::Tensor& logits, const at::Tensor& values,
   return a;
 }
 
+void topk_kl_check_inplace(const at::Tensor& logits) {
+  KDK_CHECK(kOp, logits.is_contiguous(), "inplace_grad=True needs contiguous student_logits (the gradient is "
+            "written over them): got strides ", shape_str(logits.strides()));
+}
+
 void topk_kl_logit_map(TopkArgs& a, double logit_scale, double softcap) {
   KDK_CHECK(kOp, logit_scale > 0 && std::isfinite(logit_scale), "logit_scale must be > 0: got ", logit_scale);
   KDK_CHECK(kOp, softcap >= 0 && std::isfinite(softcap), "softcap must be >= 0 (0 or None: no cap): got ", softcap);

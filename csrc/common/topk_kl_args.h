@@ -29,6 +29,9 @@ TopkArgs topk_kl_parse(const at::Tensor& logits, const at::Tensor& values,
 void topk_kl_check_saved(const TopkArgs& a, const at::Tensor& logits, const at::Tensor& grad_loss,
                          const at::Tensor& lse, const at::Tensor& coef, const at::Tensor& stat);
 
+// The in-place backward's logits: contiguous (N, V) (its gradient is written row after row over them).
+void topk_kl_check_inplace(const at::Tensor& logits);
+
 // Data checks of the ids (range unless dropped, duplicates within a row); one host sync on CUDA.
 void topk_kl_validate_ids(const at::Tensor& indices, int64_t V, bool drop);
 

@@ -103,7 +103,7 @@ void fwd_rows(const TopkArgs& a, const scalar_t* logits, int64_t ld, const acc_t
 template <class scalar_t, class teacher_t, class acc_t, class index_t>
 void bwd_rows(const TopkArgs& a, const acc_t* gl, const scalar_t* logits, int64_t ld, const teacher_t* tv_dense,
               int64_t ld_t, const index_t* idx, const acc_t* lse, const acc_t* coef, const acc_t* stat,
-              scalar_t* out) {
+              scalar_t* out, bool inplace) {
   const acc_t inv_t = acc_t(1) / acc_t(a.temperature), param = acc_t(a.param);
   const acc_t t_scale = a.logprobs ? acc_t(1) : inv_t;
   const int64_t V = a.V, K = a.K;
@@ -120,6 +120,10 @@ void bwd_rows(const TopkArgs& a, const acc_t* gl, const scalar_t* logits, int64_
         continue;
       }
       const acc_t* raw = as_acc<scalar_t, acc_t>(logits + n * ld, V, xbuf);
+      if (inplace && raw == reinterpret_cast<const acc_t*>(o)) {  // read the row before it is overwritten
+        xbuf.assign(raw, raw + V);
+        raw = xbuf.data();
+      }
       const acc_t* x = mapped(raw, V, map, mbuf);
       acc_t* ob;  // the row in acc_t: the output itself when the types agree
       if constexpr (std::is_same_v<scalar_t, acc_t>) ob = o; else { obuf.resize(V); ob = obuf.data(); }
@@ -206,15 +210,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_cpu(KDK_T
   return {loss, lse, coef, stat};
 }
 
-at::Tensor topk_kl_bwd_cpu(KDK_TOPK_KL_BWD_ARGS) {
-  // The options were checked by the forward; parse again for the raw op's direct users.
-  TopkArgs a = topk_kl_parse(logits, values, indices, c10::nullopt, std::string(mode), std::string(divergence),
-                                   param, temperature, values_are_logprobs, true);
-  topk_kl_logit_map(a, logit_scale, softcap);
-  topk_kl_check_saved(a, logits, grad_loss, lse, coef, stat);
-  const at::Tensor z = unit_stride_rows(logits);
-  at::Tensor out = at::empty({a.N, a.V}, z.options());
-  if (a.N == 0) return out;
+namespace {
+
+// The backward into `out` ((N, V) contiguous): a new tensor, or the logits themselves (in place).
+void bwd_into(const TopkArgs& a, const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& values,
+              const c10::optional<at::Tensor>& indices, const at::Tensor& lse, const at::Tensor& coef,
+              const at::Tensor& stat, at::Tensor& out, bool inplace) {
+  if (a.N == 0) return;
   const auto acc_type = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor gl = grad_loss.to(acc_type).contiguous(), lse_c = lse.contiguous(), coef_c = coef.contiguous(),
                    stat_c = stat.contiguous();
@@ -229,16 +231,40 @@ at::Tensor topk_kl_bwd_cpu(KDK_TOPK_KL_BWD_ARGS) {
         bwd_rows<scalar_t, teacher_t, acc_t, index_t>(a, gl.data_ptr<acc_t>(), z.data_ptr<scalar_t>(), z.stride(0), td,
                                                       tv.defined() ? tv.stride(0) : 0, ids, lse_c.data_ptr<acc_t>(),
                                                       coef_c.data_ptr<acc_t>(), stat_c.data_ptr<acc_t>(),
-                                                      out.data_ptr<scalar_t>());
+                                                      out.data_ptr<scalar_t>(), inplace);
       });
     });
   });
+}
+
+}  // namespace
+
+at::Tensor topk_kl_bwd_cpu(KDK_TOPK_KL_BWD_ARGS) {
+  // The options were checked by the forward; parse again for the raw op's direct users.
+  TopkArgs a = topk_kl_parse(logits, values, indices, c10::nullopt, std::string(mode), std::string(divergence),
+                             param, temperature, values_are_logprobs, true);
+  topk_kl_logit_map(a, logit_scale, softcap);
+  topk_kl_check_saved(a, logits, grad_loss, lse, coef, stat);
+  const at::Tensor z = unit_stride_rows(logits);
+  at::Tensor out = at::empty({a.N, a.V}, z.options());
+  bwd_into(a, grad_loss, z, values, indices, lse, coef, stat, out, false);
   return out;
+}
+
+void topk_kl_bwd_inplace_cpu(KDK_TOPK_KL_BWD_INPLACE_ARGS) {
+  TopkArgs a = topk_kl_parse(logits, values, indices, c10::nullopt, std::string(mode), std::string(divergence),
+                             param, temperature, values_are_logprobs, true);
+  topk_kl_logit_map(a, logit_scale, softcap);
+  topk_kl_check_saved(a, logits, grad_loss, lse, coef, stat);
+  topk_kl_check_inplace(logits);
+  at::Tensor out = logits;
+  bwd_into(a, grad_loss, logits, values, indices, lse, coef, stat, out, true);
 }
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("topk_kl_fwd", &topk_kl_fwd_cpu);
   m.impl("topk_kl_bwd", &topk_kl_bwd_cpu);
+  m.impl("topk_kl_bwd_inplace", &topk_kl_bwd_inplace_cpu);
 }
 
 }  // namespace kdk

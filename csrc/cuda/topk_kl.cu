@@ -105,18 +105,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_cuda(KDK_
   return {loss, lse, coef, stat};
 }
 
-at::Tensor topk_kl_bwd_cuda(KDK_TOPK_KL_BWD_ARGS) {
-  TopkArgs a = topk_kl_parse(logits, values, indices, c10::nullopt, std::string(mode), std::string(divergence),
-                                   param, temperature, values_are_logprobs, true);
-  topk_kl_logit_map(a, logit_scale, softcap);
-  topk_kl_check_saved(a, logits, grad_loss, lse, coef, stat);
-  const DeviceGuard guard(logits.device());
-  const at::Tensor z = unit_stride_rows(logits);
-  at::Tensor out = at::empty({a.N, a.V}, z.options());
-  if (a.N == 0) return out;
+namespace {
+
+// The backward into `out` ((N, V) contiguous): a new tensor, or the logits themselves (in place; the support
+// logits are then gathered first, since the row is overwritten before the K support entries are written).
+void bwd_into(const TopkArgs& a, const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& values,
+              const c10::optional<at::Tensor>& indices, const at::Tensor& lse, const at::Tensor& coef,
+              const at::Tensor& stat, at::Tensor& out, bool inplace) {
+  if (a.N == 0) return;
   const auto acc_type = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor gl = grad_loss.to(acc_type).contiguous(), lse_c = lse.contiguous(), coef_c = coef.contiguous(),
                    stat_c = stat.contiguous();
+  const at::Tensor idx = a.mode == kDense ? at::Tensor() : indices->contiguous();
+  const at::Tensor zs = inplace && idx.defined() ? z.gather(1, idx.clamp(0, a.V - 1).to(at::kLong)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "topk_kl_bwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     auto inputs = [&](auto& p) {
@@ -135,20 +136,46 @@ at::Tensor topk_kl_bwd_cuda(KDK_TOPK_KL_BWD_ARGS) {
       });
       return;
     }
-    with_ids(indices->contiguous(), [&](auto* ids) {
+    with_ids(idx, [&](auto* ids) {
       using index_t = std::remove_const_t<std::remove_pointer_t<decltype(ids)>>;
       TopkParams<scalar_t, acc_t, index_t, scalar_t> p{};
       inputs(p);
       p.idx = ids;
+      p.zs = zs.defined() ? zs.data_ptr<scalar_t>() : nullptr;
       launch(topk_kl_bwd_kernel<scalar_t, acc_t, index_t>, blocks_for(a.N), threads_for(a.V), 0, p);
     });
   });
+}
+
+}  // namespace
+
+at::Tensor topk_kl_bwd_cuda(KDK_TOPK_KL_BWD_ARGS) {
+  TopkArgs a = topk_kl_parse(logits, values, indices, c10::nullopt, std::string(mode), std::string(divergence),
+                             param, temperature, values_are_logprobs, true);
+  topk_kl_logit_map(a, logit_scale, softcap);
+  topk_kl_check_saved(a, logits, grad_loss, lse, coef, stat);
+  const DeviceGuard guard(logits.device());
+  const at::Tensor z = unit_stride_rows(logits);
+  at::Tensor out = at::empty({a.N, a.V}, z.options());
+  bwd_into(a, grad_loss, z, values, indices, lse, coef, stat, out, false);
   return out;
+}
+
+void topk_kl_bwd_inplace_cuda(KDK_TOPK_KL_BWD_INPLACE_ARGS) {
+  TopkArgs a = topk_kl_parse(logits, values, indices, c10::nullopt, std::string(mode), std::string(divergence),
+                             param, temperature, values_are_logprobs, true);
+  topk_kl_logit_map(a, logit_scale, softcap);
+  topk_kl_check_saved(a, logits, grad_loss, lse, coef, stat);
+  topk_kl_check_inplace(logits);
+  const DeviceGuard guard(logits.device());
+  at::Tensor out = logits;
+  bwd_into(a, grad_loss, logits, values, indices, lse, coef, stat, out, true);
 }
 
 TORCH_LIBRARY_IMPL(KDK_LIB, KDK_DEVICE_KEY, m) {
   m.impl("topk_kl_fwd", KDK_IMPL(topk_kl_fwd_cuda));
   m.impl("topk_kl_bwd", KDK_IMPL(topk_kl_bwd_cuda));
+  m.impl("topk_kl_bwd_inplace", KDK_IMPL(topk_kl_bwd_inplace_cuda));
 }
 
 }  // namespace kdk

@@ -18,6 +18,7 @@ template <class scalar_t, class acc_t, class index_t, class teacher_t> struct To
   const teacher_t* tdense; // dense mode: teacher (N, V), row stride ld_t
   const acc_t* tv;         // sparse modes: teacher values (N, K)
   const index_t* idx;      // sparse modes: teacher ids (N, K)
+  const scalar_t* zs;      // backward in place: the logits at the ids (N, K), gathered before the row is overwritten
   const bool* mask;        // (N,) or null
   const acc_t* grad_loss;  // backward: (N,)
   acc_t* loss;             // (N,)
@@ -195,7 +196,7 @@ __global__ void topk_kl_bwd_kernel(TopkParams<scalar_t, acc_t, index_t, scalar_t
     for (int k = threadIdx.x; k < p.K; k += blockDim.x) {
       const int64_t id = static_cast<int64_t>(p.idx[n * p.K + k]);
       if (id < 0 || id >= p.V) continue;  // dropped ids
-      const acc_t x = static_cast<acc_t>(z[id]);
+      const acc_t x = static_cast<acc_t>(p.zs ? p.zs[n * p.K + k] : z[id]);
       const acc_t q = kexp((map(x) * p.inv_t - hi) - lo);
       o[id] = static_cast<scalar_t>(c * (a[k] - q * G) * chain(x));
     }
