@@ -485,7 +485,8 @@ def _refusals(device):
          "teacher_indices has a duplicate id within a row: row 3 repeats id 7"),
         (lambda: f(z, z, ids, mode="dense"), "mode='dense' takes no teacher_indices"),
         (lambda: f(z, t, mode="dense"),
-         "teacher_values must have the shape of student_logits for mode='dense': expected (4, 7, 11), got (4, 7, 5)"),
+         "the teacher's vocabulary (5) and the student's (11) differ: pass teacher_vocab='truncate' (drop the "
+         "teacher's ids >= 11) or 'pad' (the student's ids >= 5 get teacher probability 0)"),
         (lambda: f(z, t, ids, mode="foo"), "mode must be one of 'renorm', 'tail', 'support', 'dense': got 'foo'"),
         (lambda: f(z, t, ids, divergence="kl"),
          "divergence must be one of 'forward_kl', 'reverse_kl', 'jsd', 'skew_forward_kl', 'skew_reverse_kl', 'tvd': "
