@@ -312,3 +312,16 @@ def test_autocast_distill_loss_and_teacher_topk(device, amp_dtype):
     for a, e in zip(torch.autograd.grad(got, (h, W)), gw):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(k=0), "k must be in [1, V = 30]: got 0"),
+                                    (dict(k=31), "k must be in [1, V = 30]: got 31"),
+                                    (dict(values_are="probs"), "values_are must be 'logits' or 'logprobs': got 'probs'"),
+                                    (dict(temperature=0.0), "temperature must be > 0: got 0.0")])
+def test_linear_teacher_topk_refusals(kw, msg):
+    args = dict(k=3)
+    args.update(kw)
+    with pytest.raises(ValueError, match=re.escape("kdkernels.linear_teacher_topk: " + msg)):
+        kdkernels.linear_teacher_topk(torch.randn(4, 5), torch.randn(30, 5), args.pop("k"), **args)
+    with pytest.raises(ValueError, match=re.escape("weight must have shape (V, H) with H = hidden.shape[-1]")):
+        kdkernels.linear_teacher_topk(torch.randn(4, 5), torch.randn(30, 6), 3)

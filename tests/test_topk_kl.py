@@ -757,3 +757,9 @@ def test_opcheck_inplace_backward(device):
     zc = z.clone()
     _ops.lib.topk_kl_bwd_inplace(args[0], zc, *args[2:])
     torch.testing.assert_close(zc, want, rtol=0, atol=0)
+
+
+def test_teacher_vocab_refusal():
+    z, t = torch.randn(3, 9), torch.randn(3, 9)
+    with pytest.raises(ValueError, match=re.escape("teacher_vocab must be None, 'truncate' or 'pad': got 'cut'")):
+        kdkernels.topk_kl_div(z, t, mode="dense", teacher_vocab="cut")
