@@ -70,10 +70,12 @@ class LocalCore:
 
 class _Grads:
     """Gradients of hidden / weight / bias accumulated chunk by chunk from each chunk's logits gradient, in
-    float32 (float64 for float64) across chunks and cast to the parameters' dtypes once at the end."""
+    `accum` (default float32, float64 for float64) across chunks and cast to the parameters' dtypes once at
+    the end. Each chunk's own contribution is always formed in the head's float32 (or float64)."""
 
-    def __init__(self, hidden, weight, bias, needs, head: _Head):
-        self.head, acc = head, head.acc
+    def __init__(self, hidden, weight, bias, needs, head: _Head, accum: Optional[torch.dtype] = None):
+        self.head = head
+        acc = self.accum = head.acc if accum is None else accum
         self.hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if needs[0] else None
         self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
         self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) \
@@ -82,16 +84,17 @@ class _Grads:
 
     def add(self, a, b, g, h):
         head = self.head
+        same = self.accum == head.acc and not head.mixed
         if self.hidden is not None:
-            if head.mixed:
-                self.hidden[a:b] = head.grad_hidden(g)
-            else:  # written in place: no chunk-sized temporary
+            if same:  # written in place: no chunk-sized temporary
                 torch.mm(g, head.wide, out=self.hidden[a:b])
-        if self.weight is not None:
-            if head.mixed:
-                self.weight += head.grad_weight(g, h)
             else:
+                self.hidden[a:b] = head.grad_hidden(g)
+        if self.weight is not None:
+            if same:
                 self.weight.addmm_(g.t(), h.to(head.acc))
+            else:  # formed in the head's dtype, then added (rounded once into a narrower accumulator)
+                self.weight += head.grad_weight(g, h)
         if self.bias is not None:
             self.bias += g.sum(0, dtype=self.bias.dtype)
 
@@ -114,11 +117,11 @@ class LinearTopKKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, values, ids, valid, row_weight, core, chunk, needs, reduce_hidden,
-                extra=None):
+                extra=None, accum=None):
         # needs: which of hidden/weight/bias want a gradient, decided by the caller (grad mode is off in here).
         # extra: a _CrossEntropy adding the hard-label term and collecting metrics from the same chunks.
         head = _Head(weight, bias)
-        grads = _Grads(hidden, weight, bias, needs, head)
+        grads = _Grads(hidden, weight, bias, needs, head, accum)
         total = torch.zeros((), dtype=row_weight.dtype, device=hidden.device)
         for a in range(0, hidden.shape[0], chunk):
             b = min(hidden.shape[0], a + chunk)
@@ -145,7 +148,7 @@ class LinearTopKKL(torch.autograd.Function):
     def backward(ctx, grad_total):
         out = [None if g is None else (g * grad_total.to(g.dtype)).to(dt)
                for g, dt in zip(ctx.saved_tensors, ctx.dtypes)]
-        return (*out, None, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None, None)
 
 
 class LinearTopKKLRows(torch.autograd.Function):
@@ -153,7 +156,7 @@ class LinearTopKKLRows(torch.autograd.Function):
     row statistics and the upstream per-row gradient (one extra logits GEMM, no logits kept)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, values, ids, valid, core, chunk, reduce_hidden):
+    def forward(ctx, hidden, weight, bias, values, ids, valid, core, chunk, reduce_hidden, accum=None):
         parts = []
         head = _Head(weight, bias)
         for a in range(0, hidden.shape[0], chunk):
@@ -166,7 +169,7 @@ class LinearTopKKLRows(torch.autograd.Function):
         loss, lse, coef, stat = (torch.cat([p[i] for p in parts]) if parts else empty[i] for i in range(4))
         ids_k = torch.cat([p[4] for p in parts]) if parts and parts[0][4] is not None else ids
         ctx.save_for_backward(hidden, weight, bias, values, ids_k, valid, lse, coef, stat)
-        ctx.core, ctx.chunk, ctx.reduce_hidden = core, chunk, reduce_hidden
+        ctx.core, ctx.chunk, ctx.reduce_hidden, ctx.accum = core, chunk, reduce_hidden, accum
         return loss
 
     @staticmethod
@@ -177,7 +180,7 @@ class LinearTopKKLRows(torch.autograd.Function):
         if valid is not None:
             grad_rows = torch.where(valid, grad_rows, torch.zeros_like(grad_rows))
         head = _Head(weight, bias)
-        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3], head)
+        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3], head, ctx.accum)
         for a in range(0, hidden.shape[0], ctx.chunk):
             b = min(hidden.shape[0], a + ctx.chunk)
             h = hidden[a:b]
@@ -186,7 +189,7 @@ class LinearTopKKLRows(torch.autograd.Function):
             grads.add(a, b, g, h)
         if grads.hidden is not None and ctx.reduce_hidden is not None:
             ctx.reduce_hidden(grads.hidden)
-        return (*grads.final(), None, None, None, None, None, None)
+        return (*grads.final(), None, None, None, None, None, None, None)
 
 
 class _CrossEntropy:
@@ -257,6 +260,17 @@ class _CrossEntropy:
         return out
 
 
+def _accum_dtype(pre: str, accum, dtype: torch.dtype) -> Optional[torch.dtype]:
+    """accum_dtype: float32 / float64, or the parameters' own dtype (None: float32, float64 for float64)."""
+    if accum is None:
+        return None
+    allowed = {torch.float32, torch.float64, dtype}
+    if accum not in allowed:
+        names = ", ".join(sorted(str(d) for d in allowed))
+        raise ValueError(f"{pre}accum_dtype must be one of {names} (or None for the default): got {accum}")
+    return accum
+
+
 def _run_linear(op, hidden, weight, bias, teacher_values, teacher_indices, chunk_size, memory_budget, kwargs,
                 vocab, core_for, reduce_hidden=None, extra_for=None, kd_scale=1.0):
     """Shared body of the fused linear losses: checks, the reduction's row weights, the chunked Function."""
@@ -286,6 +300,7 @@ def _run_linear(op, hidden, weight, bias, teacher_values, teacher_indices, chunk
                                          kw.pop("valid_vocab", None), kw.pop("teacher_vocab", None))
     weight = weight[:vocab]  # valid_vocab: the padded rows of the head take no part (and get no gradient)
     bias = None if bias is None else bias[:vocab]
+    accum = _accum_dtype(pre, kw.pop("accum_dtype", None), hidden.dtype)
     temperature = kw.get("temperature", 1.0)
     scale_by_t2 = kw.pop("scale_by_t2", True)
     reduction, num_items = kw.get("reduction", "mean"), kw.get("num_items")
@@ -302,7 +317,8 @@ def _run_linear(op, hidden, weight, bias, teacher_values, teacher_indices, chunk
     chunk = int(chunk_size) if chunk_size is not None else chunk_rows(n, vocab, hidden.dtype, memory_budget)
     if reduction == "none":
         with torch.autocast(hidden.device.type, enabled=False):  # the head and loss run in their own dtypes
-            rows = LinearTopKKLRows.apply(h, weight, bias, x.values, x.ids, x.valid, core, chunk, reduce_hidden)
+            rows = LinearTopKKLRows.apply(h, weight, bias, x.values, x.ids, x.valid, core, chunk, reduce_hidden,
+                                          accum)
         return _t2(rows, temperature, scale_by_t2).reshape(x.lead)
     # d loss / d row of the scalar reduction, known before any logits exist.
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -319,7 +335,7 @@ def _run_linear(op, hidden, weight, bias, teacher_values, teacher_indices, chunk
     extra = extra_for(x, n, acc) if extra_for is not None else None
     with torch.autocast(hidden.device.type, enabled=False):  # the head and loss run in their own dtypes
         total = LinearTopKKL.apply(h, weight, bias, x.values, x.ids, x.valid, w, core, chunk, needs, reduce_hidden,
-                                   extra)
+                                   extra, accum)
     return total if extra is None else (total, extra)
 
 
@@ -340,13 +356,17 @@ def linear_topk_kl_div(
     hidden (..., H), weight (V, H) (an lm_head's weight), bias (V,) or None. Rows are processed in
     chunks of `chunk_size` (default: as many as fit `memory_budget` bytes of logits plus their
     gradient, 128 MiB). Every keyword of topk_kl_div is accepted (values_are, mode, divergence, beta,
-    skew, temperature, scale_by_t2, mask, ignore_index, labels, reduction, num_items, out_of_range).
+    skew, temperature, scale_by_t2, mask, ignore_index, labels, reduction, num_items, out_of_range,
+    valid_vocab, teacher_vocab, logit_scale, softcap). accum_dtype: the dtype the hidden / weight / bias
+    gradients are summed in across chunks (default float32, float64 for float64 inputs; float64, or the
+    parameters' own 16-bit dtype to halve the (V, H) accumulator, are the alternatives); each chunk's
+    contribution is formed in float32 whatever it is, and the sum is cast to the parameters' dtype once.
     Scalar reductions compute the gradients of hidden/weight/bias during the forward (the backward
     only scales them); reduction='none' recomputes each chunk's logits in the backward instead.
     """
     allowed = {"values_are", "mode", "divergence", "beta", "skew", "temperature", "scale_by_t2", "mask",
                "ignore_index", "labels", "reduction", "num_items", "out_of_range", "valid_vocab", "teacher_vocab",
-               "logit_scale", "softcap"}
+               "logit_scale", "softcap", "accum_dtype"}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise TypeError(f"kdkernels.linear_topk_kl_div: unexpected keyword argument(s): {', '.join(unknown)}")
@@ -382,7 +402,7 @@ def linear_distill_loss(
     pre = "kdkernels.linear_distill_loss: "
     allowed = {"values_are", "mode", "divergence", "beta", "skew", "temperature", "scale_by_t2", "mask",
                "ignore_index", "reduction", "num_items", "out_of_range", "valid_vocab", "teacher_vocab",
-               "logit_scale", "softcap"}
+               "logit_scale", "softcap", "accum_dtype"}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise TypeError(f"{pre}unexpected keyword argument(s): {', '.join(unknown)}")

@@ -186,6 +186,43 @@ def test_bf16_gradients_within_1_percent_of_float64(device, mode):
     assert abs(float(fused.detach()) - float(ref.detach())) <= 1e-3 * abs(float(ref.detach())) + 1e-4
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_accum_dtype(device, reduction):
+    # Many one-row chunks, so the cross-chunk sum is where the rounding happens: a bf16 accumulator must be
+    # measurably worse than the float32 default, float64 no worse; all return the parameters' dtype.
+    N, H, V = (96, 16, 300) if not getattr(device, "emulated", False) else (12, 8, 40)
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(N, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64) * (4 / H ** 0.5)
+    vals, ids = kdkernels.teacher_topk(torch.randn(N, V, generator=g, dtype=torch.float64) * 3, 8,
+                                       values_are="logprobs")
+    kw = dict(mode="tail", values_are="logprobs", reduction=reduction)
+
+    def grads(dtype, accum, src=(h, W)):
+        hh, WW = (t.to(device, dtype).detach().clone().requires_grad_() for t in src)
+        out = kdkernels.linear_topk_kl_div(hh, WW, vals.to(device, torch.float32 if dtype != torch.float64
+                                                           else dtype), ids.to(device), chunk_size=1,
+                                           accum_dtype=accum, **kw)
+        out.sum().backward()
+        assert hh.grad.dtype == WW.grad.dtype == dtype
+        return hh.grad, WW.grad
+
+    err = {}
+    for dtype, accum in ((torch.float32, None), (torch.float32, torch.float64), (torch.bfloat16, None),
+                         (torch.bfloat16, torch.bfloat16)):
+        # the reference: float64 from the same (rounded) inputs
+        rh, rw = grads(torch.float64, None, (h.to(dtype).double(), W.to(dtype).double()))
+        gh, gw = grads(dtype, accum)
+        err[(dtype, accum)] = _rel(gw, rw)
+        assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
+    print("accum_dtype gradient errors:", err)
+    assert err[(torch.float32, torch.float64)] <= err[(torch.float32, None)] * 1.01 + 1e-12, err
+    assert err[(torch.bfloat16, None)] <= 1e-2, err
+    assert err[(torch.bfloat16, torch.bfloat16)] > 1.3 * err[(torch.bfloat16, None)], err
+    with pytest.raises(ValueError, match=r"accum_dtype must be one of .*got torch.float16"):
+        kdkernels.linear_topk_kl_div(h.float(), W.float(), vals.float(), ids, accum_dtype=torch.float16)
+
+
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_autocast_with_float32_parameters(device, amp_dtype, reduction):
