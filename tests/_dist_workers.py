@@ -128,3 +128,47 @@ def data_parallel(rank, world, port):
         torch.testing.assert_close(total, ref.detach(), rtol=1e-10, atol=1e-12)
     finally:
         dist.destroy_process_group()
+
+
+def vocab_parallel_autocast(rank, world, port, amp_dtype):
+    """Both vocab-parallel entry points under CPU autocast with float32 parameters match one process."""
+    _init(rank, world, port)
+    try:
+        g = torch.Generator().manual_seed(77)
+        N, H, V, K = 11, 16, 45, 5
+        starts, sizes = _slices(V, world)
+        lo, hi = starts[rank], starts[rank] + sizes[rank]
+        h = torch.randn(N, H, generator=g)
+        W = torch.randn(V, H, generator=g) / H ** 0.5 * 3
+        vals, ids = kdkernels.teacher_topk(torch.randn(N, V, generator=g) * 2, K, values_are="logprobs")
+        kw = dict(mode="tail", divergence="jsd", values_are="logprobs")
+        with torch.autocast("cpu", dtype=amp_dtype):
+            Wf = W.clone().requires_grad_()
+            z = h @ Wf.t()  # 16-bit logits, as a model's lm_head gives them inside the region
+            ref = kdkernels.topk_kl_div(z, vals, ids, **kw)
+            Wl = W[lo:hi].clone().requires_grad_()
+            zl = h @ Wl.t()
+            got = kdkernels.vocab_parallel_topk_kl_div(zl, vals, ids, **kw)
+        assert zl.dtype == amp_dtype and got.dtype == torch.float32, (zl.dtype, got.dtype)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        gr, = torch.autograd.grad(ref, Wf)
+        gg, = torch.autograd.grad(got, Wl)
+        torch.testing.assert_close(gg, gr[lo:hi], rtol=2e-2, atol=2e-2 * float(gr.abs().max()))
+
+        # fused linear: float32 head, a float32 and a 16-bit hidden state (made inside the region)
+        for make16 in (False, True):
+            hf, Wf = h.clone().requires_grad_(), W.clone().requires_grad_()
+            hl, Wl = h.clone().requires_grad_(), W[lo:hi].clone().requires_grad_()
+            with torch.autocast("cpu", dtype=amp_dtype):
+                a = hf.to(amp_dtype) if make16 else hf
+                b = hl.to(amp_dtype) if make16 else hl
+                ref = kdkernels.linear_topk_kl_div(a, Wf, vals, ids, chunk_size=4, **kw)
+                got = kdkernels.vocab_parallel_linear_topk_kl_div(b, Wl, vals, ids, chunk_size=4, **kw)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+            gr = torch.autograd.grad(ref, (hf, Wf))
+            gg = torch.autograd.grad(got, (hl, Wl))
+            assert gg[0].dtype == gg[1].dtype == torch.float32
+            torch.testing.assert_close(gg[0], gr[0], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(gg[1], gr[1][lo:hi], rtol=1e-4, atol=1e-6)
+    finally:
+        dist.destroy_process_group()

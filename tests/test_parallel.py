@@ -28,3 +28,8 @@ def test_vocab_parallel_equals_single_process(world, emulated):
 @pytest.mark.parametrize("world", [2, 4])
 def test_data_parallel_recipe(world):
     mp.spawn(_dist_workers.data_parallel, args=(world, _free_port()), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_vocab_parallel_under_autocast(amp_dtype):
+    mp.spawn(_dist_workers.vocab_parallel_autocast, args=(2, _free_port(), amp_dtype), nprocs=2, join=True)

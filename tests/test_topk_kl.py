@@ -763,3 +763,34 @@ def test_teacher_vocab_refusal():
     z, t = torch.randn(3, 9), torch.randn(3, 9)
     with pytest.raises(ValueError, match=re.escape("teacher_vocab must be None, 'truncate' or 'pad': got 'cut'")):
         kdkernels.topk_kl_div(z, t, mode="dense", teacher_vocab="cut")
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode,divergence", [("tail", "forward_kl"), ("dense", "jsd"), ("support", "reverse_kl")])
+def test_autocast_logits_from_float32_parameters(device, amp_dtype, mode, divergence):
+    # Mixed precision as most people train: float32 parameters, the logits made by a matmul inside the autocast
+    # region (so 16-bit), the loss called inside it too. Same value and gradient as float64 from those logits.
+    dev = "cpu" if str(device) == "cpu" else str(device).split(":")[0]
+    N, H, V, K = 19, 24, 157, 7
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(N, H, generator=g).to(device)
+    W = (torch.randn(V, H, generator=g) / H ** 0.5 * 3).to(device).requires_grad_()
+    t = torch.randn(N, V, generator=g, dtype=torch.float64) * 2
+    vals, ids = (t.float(), None) if mode == "dense" else kdkernels.teacher_topk(t.float(), K, values_are="logprobs",
+                                                                               temperature=1.5)
+    vals, ids = vals.to(device), None if ids is None else ids.to(device)
+    kw = dict(mode=mode, divergence=divergence, temperature=1.5, values_are="logprobs" if mode != "dense" else "logits")
+    with torch.autocast(device_type=dev, dtype=amp_dtype):
+        z = h @ W.t()
+        assert z.dtype == amp_dtype
+        loss = kdkernels.topk_kl_div(z, vals, ids, **kw)
+    assert loss.dtype == torch.float32
+    gw, = torch.autograd.grad(loss, W)
+    assert gw.dtype == torch.float32
+    z64 = z.detach().double().requires_grad_()
+    ref = kdkernels.topk_kl_div(z64, vals.double(), ids, **kw)
+    gz, = torch.autograd.grad(ref, z64)
+    # the reference gradient pushed through the same 16-bit matmul autocast used (grad_W = g^T h in 16 bits)
+    gw_ref = (gz.to(amp_dtype).t() @ h.to(amp_dtype)).double()
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(gw.double(), gw_ref, rtol=2e-2, atol=2e-2 * float(gw_ref.abs().max()))
