@@ -72,6 +72,8 @@ class KDInputs:
     num_items: Number
     labels: Optional[torch.Tensor] = None
     student_hidden_states: Optional[Sequence[torch.Tensor]] = None
+    valid_vocab: Optional[int] = None
+    teacher_vocab: Optional[str] = None
     _topk: Dict[Tuple[int, float], Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def teacher_topk(self, k: Optional[int], temperature: float, term: str):
@@ -103,6 +105,14 @@ class KDInputs:
 KDTerm = Callable[[KDInputs], torch.Tensor]
 
 
+def out_of_range(term, valid_vocab: Optional[int], teacher_vocab: Optional[str]) -> str:
+    """A sparse term's out_of_range under a vocabulary cut: teacher ids at or above the student's (valid)
+    vocabulary are dropped, their mass left in the teacher's tail, once the user said the sizes differ."""
+    if term.mode != "dense" and (valid_vocab is not None or teacher_vocab == "truncate"):
+        return "drop"
+    return term.out_of_range
+
+
 class TopKKLTerm:
     """kdkernels.topk_kl_div as a distillation term; options are topk_kl_div's (same defaults), plus `k`.
 
@@ -126,12 +136,14 @@ class TopKKLTerm:
     def __call__(self, x: KDInputs) -> torch.Tensor:
         kw = dict(mode=self.mode, divergence=self.divergence, beta=self.beta, skew=self.skew,
                   temperature=self.temperature, scale_by_t2=self.scale_by_t2, mask=x.mask, reduction="sum",
-                  out_of_range=self.out_of_range, validate=self.validate)
+                  out_of_range=out_of_range(self, x.valid_vocab, x.teacher_vocab), validate=self.validate,
+                  valid_vocab=x.valid_vocab)
         if self.mode == "dense":
             if x.teacher.logits is None:
                 raise ValueError(f"{_P}term '{self.name}' with mode='dense' needs the teacher's full logits; a "
                                  "teacher cache holds only its top-k (use mode='tail', 'renorm' or 'support')")
-            total = topk_kl_div(x.student_logits, x.teacher.logits.detach(), values_are="logits", **kw)
+            total = topk_kl_div(x.student_logits, x.teacher.logits.detach(), values_are="logits",
+                                teacher_vocab=x.teacher_vocab, **kw)
         else:
             values, ids = x.teacher_topk(self.k, self.temperature, self.name)
             total = topk_kl_div(x.student_logits, values, ids, values_are="logprobs", **kw)
@@ -172,11 +184,24 @@ class DistillationLoss(torch.nn.Module):
     terms: {label: {"fn": name-or-callable (default: label), "weight": w (required), **options}}.
       Built-in name: 'topk_kl' (options: TopKKLTerm's). Labels name the terms in DistillationOutput.terms.
     ignore_index: labels equal to it are not counted. label_smoothing: of the cross-entropy (default 0).
+    valid_vocab: the student's real vocabulary when its embedding table is padded (e.g. 151665 of 151936
+      rows): the rows beyond take no part in the cross-entropy's or any term's softmax.
+    teacher_vocab: None (the teacher's vocabulary must equal the student's), 'truncate' (a larger teacher:
+      its ids at or above the student's vocabulary are dropped, their mass kept in the teacher's tail; a
+      dense teacher is cut) or 'pad' (a smaller teacher: the student's extra ids get teacher probability 0).
+      docs/distill.md, 'Vocabularies of different sizes'.
     """
 
     def __init__(self, *, ce_weight: float, terms: Mapping[str, Mapping[str, Any]],
-                 ignore_index: int = -100, label_smoothing: float = 0.0):
+                 ignore_index: int = -100, label_smoothing: float = 0.0, valid_vocab: Optional[int] = None,
+                 teacher_vocab: Optional[str] = None):
         super().__init__()
+        if valid_vocab is not None and (isinstance(valid_vocab, bool) or not isinstance(valid_vocab, int)
+                                        or valid_vocab < 1):
+            raise ValueError(f"{_P}valid_vocab must be None or an int >= 1: got {valid_vocab!r}")
+        if teacher_vocab not in (None, "truncate", "pad"):
+            raise ValueError(f"{_P}teacher_vocab must be None, 'truncate' or 'pad': got {teacher_vocab!r}")
+        self.valid_vocab, self.teacher_vocab = valid_vocab, teacher_vocab
         if ce_weight is None or not isinstance(ce_weight, (int, float)) or not math.isfinite(ce_weight) \
                 or ce_weight < 0:
             raise ValueError(f"{_P}ce_weight must be a finite number >= 0: got {ce_weight!r}")
@@ -224,7 +249,8 @@ class DistillationLoss(torch.nn.Module):
     def config(self) -> dict:
         """The configuration as plain data (for logs and checkpoints)."""
         return {"ce_weight": self.ce_weight, "ignore_index": self.ignore_index,
-                "label_smoothing": self.label_smoothing, "terms": {k: dict(v) for k, v in self._specs.items()}}
+                "label_smoothing": self.label_smoothing, "valid_vocab": self.valid_vocab,
+                "teacher_vocab": self.teacher_vocab, "terms": {k: dict(v) for k, v in self._specs.items()}}
 
     def extra_repr(self) -> str:
         return f"ce_weight={self.ce_weight}, terms={self._specs}"
@@ -260,19 +286,24 @@ class DistillationLoss(torch.nn.Module):
 
         terms: Dict[str, torch.Tensor] = {}
         total = None
+        if self.valid_vocab is not None:
+            if self.valid_vocab > student_logits.shape[-1]:
+                raise ValueError(f"{_P}valid_vocab ({self.valid_vocab}) exceeds the student's vocabulary "
+                                 f"({student_logits.shape[-1]})")
         if labels is not None:
-            V = student_logits.shape[-1]
+            V = self.valid_vocab or student_logits.shape[-1]
             tgt = labels.masked_fill(~counted, self.ignore_index).reshape(-1).long()
             acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
             # With ce_weight 0 the cross-entropy is only logged: no graph, no backward cost.
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.ce_weight != 0):
-                ce = F.cross_entropy(student_logits.reshape(-1, V).to(acc), tgt, ignore_index=self.ignore_index,
+                ce = F.cross_entropy(student_logits[..., :V].reshape(-1, V).to(acc), tgt, ignore_index=self.ignore_index,
                                      reduction="sum", label_smoothing=self.label_smoothing) / num_items
             terms["ce"] = ce
             total = ce * self.ce_weight
         if self.terms:
             x = KDInputs(student_logits=student_logits, teacher=teacher, mask=counted, num_items=num_items,
-                         labels=labels, student_hidden_states=student_hidden_states)
+                         labels=labels, student_hidden_states=student_hidden_states, valid_vocab=self.valid_vocab,
+                         teacher_vocab=self.teacher_vocab)
             for label, term in self.terms.items():
                 value = term(x)
                 if not isinstance(value, torch.Tensor) or value.dim() != 0:

@@ -220,6 +220,8 @@ def topk_kl_div(
         v, teacher_values = _align_vocab("topk_kl_div", student_logits.shape[-1], teacher_values, mode, valid_vocab,
                                          teacher_vocab)
         student_logits = student_logits[..., :v]
+    if mode != "dense" and teacher_vocab == "truncate":  # a larger teacher's ids beyond the student's: dropped
+        out_of_range = "drop"
     x = _topk_prepare("topk_kl_div", student_logits.shape, student_logits.device, teacher_values, teacher_indices,
                       values_are=values_are, mode=mode, divergence=divergence, beta=beta, skew=skew,
                       temperature=temperature, mask=mask, ignore_index=ignore_index, labels=labels,

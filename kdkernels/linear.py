@@ -296,8 +296,11 @@ def _run_linear(op, hidden, weight, bias, teacher_values, teacher_indices, chunk
     if chunk_size is not None and not chunk_size >= 1:
         raise ValueError(f"{pre}chunk_size must be >= 1: got {chunk_size}")
     kw = dict(kwargs)
+    teacher_vocab = kw.pop("teacher_vocab", None)
     vocab, teacher_values = _align_vocab(op, vocab, teacher_values, kw.get("mode", "renorm"),
-                                         kw.pop("valid_vocab", None), kw.pop("teacher_vocab", None))
+                                         kw.pop("valid_vocab", None), teacher_vocab)
+    if kw.get("mode", "renorm") != "dense" and teacher_vocab == "truncate":  # as in topk_kl_div
+        kw["out_of_range"] = "drop"
     weight = weight[:vocab]  # valid_vocab: the padded rows of the head take no part (and get no gradient)
     bias = None if bias is None else bias[:vocab]
     accum = _accum_dtype(pre, kw.pop("accum_dtype", None), hidden.dtype)

@@ -207,3 +207,38 @@ def test_topk_term_defaults_are_the_functions():
         z, labels, teacher=TeacherTargets(values=v, ids=i, temperature=1.0))
     want = kdkernels.topk_kl_div(z, v, i, values_are="logprobs", labels=labels)
     torch.testing.assert_close(out.loss, want)
+
+
+@pytest.mark.parametrize("mode", ["dense", "tail"])
+def test_vocabularies_of_different_sizes(mode):
+    # Student table of 40 rows, 37 of them real (valid_vocab); a teacher of 45 entries, cut to the student's.
+    g = torch.Generator().manual_seed(8)
+    N, Vs, Vt, real = 23, 40, 45, 37
+    z = torch.randn(N, Vs, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(N, Vt, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, real, (N,), generator=g)
+    y[::5] = -100
+    terms = {"kd": {"fn": "topk_kl", "weight": 0.7, "mode": mode, "k": 9, "temperature": 1.5}}
+    loss = DistillationLoss(ce_weight=0.3, terms=terms, valid_vocab=real, teacher_vocab="truncate")
+    out = loss(z, y, teacher=TeacherTargets(logits=t))
+    cnt = (y != -100).sum()
+    ce = F.cross_entropy(z[:, :real], y, reduction="sum") / cnt
+    if mode == "dense":
+        kd = kdkernels.topk_kl_div(z[:, :real], t[:, :real], mode="dense", temperature=1.5, labels=y,
+                                   reduction="sum") / cnt
+    else:  # the teacher's top-9 over all 45 entries; those >= 37 are dropped, their mass stays in the tail
+        v, ix = kdkernels.teacher_topk(t, 9, temperature=1.5, values_are="logprobs")
+        assert bool((ix >= real).any())
+        kd = kdkernels.topk_kl_div(z[:, :real], v, ix, values_are="logprobs", mode="tail", temperature=1.5,
+                                   labels=y, out_of_range="drop", reduction="sum") / cnt
+    torch.testing.assert_close(out.loss, 0.3 * ce + 0.7 * kd, rtol=1e-12, atol=1e-12)
+    gz, = torch.autograd.grad(out.loss, z)
+    assert float(gz[:, real:].abs().max()) == 0.0  # the padded rows take no part
+    with pytest.raises(ValueError, match="teacher_vocab must be None, 'truncate' or 'pad': got 'cut'"):
+        DistillationLoss(ce_weight=1.0, terms={}, teacher_vocab="cut")
+    with pytest.raises(ValueError, match=r"valid_vocab \(41\) exceeds the student's vocabulary \(40\)"):
+        DistillationLoss(ce_weight=1.0, terms={}, valid_vocab=41)(z, y)
+    plain = DistillationLoss(ce_weight=0.3, terms=terms)
+    with pytest.raises(ValueError, match=r"\(45\) and the student's \(40\) differ" if mode == "dense" else
+                       r"out of range"):
+        plain(z, y, teacher=TeacherTargets(logits=t))

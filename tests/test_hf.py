@@ -203,9 +203,15 @@ def test_refusals(tmp_path):
         DistillationTrainer(model=student(), args=args(tmp_path, label_smoothing_factor=0.1), train_dataset=ds,
                             loss=loss_fn(), teacher=teacher())
     build_cache(teacher(vocab=71), [[3, 4, 5]], str(tmp_path / "c71"), k=4)
-    with pytest.raises(kdkernels.cache.CacheError, match="was built for vocab_size 71, but this run asks for 67"):
+    with pytest.raises(ValueError, match=r"teacher cache .*c71.index.json's vocabulary has 71 entries and the "
+                                         r"student's 67: pass DistillationLoss\(teacher_vocab='truncate'\)"):
         DistillationTrainer(model=student(), args=args(tmp_path), train_dataset=ds, loss=loss_fn(),
                             teacher_cache=str(tmp_path / "c71"))
+    pad = kdkernels.DistillationLoss(ce_weight=0.5, terms={"kd": {"fn": "topk_kl", "weight": 0.5, "k": 4}},
+                                    teacher_vocab="pad")
+    with pytest.raises(ValueError, match=r"has 71 entries and the student's 67 \(teacher_vocab='pad' does not fit: "
+                                         r"the teacher's is the larger\)"):
+        DistillationTrainer(model=student(), args=args(tmp_path), train_dataset=ds, loss=pad, teacher=teacher(vocab=71))
     # hard labels only: no teacher needed
     tr = train(tmp_path / "ce", ds, loss=kdkernels.DistillationLoss(ce_weight=1.0, terms={}), args=dict(max_steps=1))
     assert "loss_ce" in tr.state.log_history[0]
@@ -236,6 +242,40 @@ def test_fused_path_trains_like_the_logits_path(tmp_path, source):
         assert a["loss_kd"] == pytest.approx(b["loss_kd"], rel=1e-4)
         assert a["loss_ce"] == pytest.approx(b["loss_ce"], rel=1e-4)
         assert 0 <= a["top1_agreement"] <= 1 and 0 < a["student_topk_mass"] <= 1 and 0 < a["teacher_topk_mass"] <= 1
+
+
+@pytest.mark.parametrize("source", ["live", "cache"])
+def test_vocabularies_of_different_sizes(tmp_path, source):
+    """A teacher of 71 entries, a student table of 67 rows of which 60 are real (valid_vocab): the teacher's
+    top-k ids at or above 60 are dropped into its tail; the fused and the logits paths agree."""
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(3, 60, size=int(rng.integers(3, 21))).tolist() for _ in range(12)]
+    big = teacher(vocab=71)
+    loss = lambda: kdkernels.DistillationLoss(ce_weight=0.5, terms={"kd": {"fn": "topk_kl", "weight": 0.5, "mode": "tail",
+                                                                           "k": 8}},
+                                              valid_vocab=60, teacher_vocab="truncate")
+    if source == "cache":
+        build_cache(big, seqs, str(tmp_path / "cache"), k=8, batch_size=5)
+        cache = TeacherCache(str(tmp_path / "cache"), k=8)
+        assert cache.vocab_size == 71
+        ids = torch.cat([torch.from_numpy(np.asarray(cache.sequence(i)["ids"], dtype=np.int64)).flatten()
+                         for i in range(len(cache))])
+        assert bool((ids >= 60).any())  # the cut is exercised: some teacher top-k ids are beyond the student's
+        ds, kw = cache.dataset(), dict(teacher_cache=cache)
+    else:
+        ds, kw = [{"input_ids": s} for s in seqs], dict(teacher=big)
+    fused = train(tmp_path / "f", ds, loss=loss(), **kw)
+    plain = train(tmp_path / "p", ds, loss=loss(), fused=False, **kw)
+    assert fused.fused_reason is None
+    assert_same_params(params(fused.model), params(plain.model), rtol=1e-4, atol=1e-5)
+    for a, b in zip([h for h in fused.state.log_history if "loss" in h],
+                    [h for h in plain.state.log_history if "loss" in h]):
+        assert np.isfinite(a["loss"]) and a["loss_kd"] == pytest.approx(b["loss_kd"], rel=1e-4)
+        assert a["loss_ce"] == pytest.approx(b["loss_ce"], rel=1e-4)
+    # the padded rows 60..66 took no part: no gradient reached them
+    s0 = student()
+    for tr in (fused, plain):
+        torch.testing.assert_close(tr.model.lm_head.weight[60:], s0.lm_head.weight[60:], rtol=0, atol=0)
 
 
 def _gemma(seed=0, cap=5.0):

@@ -36,7 +36,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
                       "(or pip install transformers accelerate)") from e
 
 from ..cache.reader import CacheCollator, TeacherCache
-from ..distill import DistillationLoss, KDInputs, TeacherTargets, TopKKLTerm
+from ..distill import DistillationLoss, KDInputs, TeacherTargets, TopKKLTerm, out_of_range
 from ..linear import linear_distill_loss, linear_teacher_topk
 
 _P = "kdkernels.integrations.hf.DistillationTrainer: "
@@ -73,6 +73,26 @@ def _vocab_size(model) -> Optional[int]:
         return int(emb.weight.shape[0])
     cfg = getattr(model, "config", None)
     return getattr(cfg, "vocab_size", None)
+
+
+def _check_vocab(loss: DistillationLoss, student_v: Optional[int], teacher_v: Optional[int], what: str) -> None:
+    """Refuse teacher / student vocabularies of different sizes unless the loss says how to align them."""
+    if student_v is None or teacher_v is None:
+        return
+    if loss.valid_vocab is not None and loss.valid_vocab > student_v:
+        raise ValueError(f"{_P}valid_vocab ({loss.valid_vocab}) exceeds the student's vocabulary ({student_v})")
+    if teacher_v in (student_v, loss.valid_vocab):  # the same table, or the teacher's is the student's real part
+        return
+    how, eff = loss.teacher_vocab, loss.valid_vocab or student_v
+    if how is None or (how == "truncate" and teacher_v < eff) or (how == "pad" and teacher_v > eff):
+        said = "" if how is None else f" (teacher_vocab={how!r} does not fit: the teacher's is the " \
+            f"{'smaller' if teacher_v < eff else 'larger'})"
+        valid = f" (valid_vocab {loss.valid_vocab})" if loss.valid_vocab is not None else ""
+        raise ValueError(f"{_P}the {what}'s vocabulary has {teacher_v} entries and the student's {student_v}{valid}"
+                         f"{said}: "
+                         "pass DistillationLoss(teacher_vocab='truncate') for a larger teacher (its ids beyond the "
+                         "student's are dropped, their mass kept in the tail) or 'pad' for a smaller one, and "
+                         "valid_vocab= for a padded embedding table")
 
 
 def _logits(out) -> torch.Tensor:
@@ -157,15 +177,11 @@ class DistillationTrainer(Trainer):
         model = kwargs.get("model", args[0] if args else None)
         student_v = _vocab_size(model) if model is not None else None
         if teacher_cache is not None and not isinstance(teacher_cache, TeacherCache):
-            teacher_cache = TeacherCache(os.fspath(teacher_cache), vocab_size=student_v)
-        if teacher_cache is not None and student_v is not None and teacher_cache.vocab_size != student_v:
-            raise ValueError(f"{_P}the teacher cache {teacher_cache.index_path} was built for vocab_size "
-                             f"{teacher_cache.vocab_size}, but the student's vocabulary has {student_v} entries")
-        if teacher is not None and student_v is not None:
-            tv = _vocab_size(teacher)
-            if tv is not None and tv != student_v:
-                raise ValueError(f"{_P}the teacher's vocabulary has {tv} entries and the student's {student_v}: "
-                                 "distillation needs the same tokenizer and vocabulary size")
+            teacher_cache = TeacherCache(os.fspath(teacher_cache))
+        if teacher_cache is not None:
+            _check_vocab(loss, student_v, teacher_cache.vocab_size, f"teacher cache {teacher_cache.index_path}")
+        if teacher is not None:
+            _check_vocab(loss, student_v, _vocab_size(teacher), "teacher")
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = CacheCollator(teacher_cache, pad_id) if teacher_cache is not None \
                 else PadCollator(pad_id)
@@ -252,7 +268,8 @@ class DistillationTrainer(Trainer):
         head = _head(student)
         scale, cap = logit_map_of(student)
         (label, term), = self.loss.terms.items() if self.loss.terms else ((None, None),)
-        kw = dict(ignore_index=self.loss.ignore_index, num_items=num_items, logit_scale=scale, softcap=cap)
+        kw = dict(ignore_index=self.loss.ignore_index, num_items=num_items, logit_scale=scale, softcap=cap,
+                  valid_vocab=self.loss.valid_vocab)
         if term is None:  # CE only: a zero-weight term on the labels keeps one code path
             vals = ids = None
         elif self.teacher_cache is not None:
@@ -274,7 +291,8 @@ class DistillationTrainer(Trainer):
             kw.update(mode="support", values_are="logprobs")
         else:
             kw.update(mode=term.mode, divergence=term.divergence, beta=term.beta, skew=term.skew,
-                      temperature=term.temperature, scale_by_t2=term.scale_by_t2, out_of_range=term.out_of_range,
+                      temperature=term.temperature, scale_by_t2=term.scale_by_t2,
+                      out_of_range=out_of_range(term, self.loss.valid_vocab, self.loss.teacher_vocab),
                       values_are="logprobs")
         loss, metrics = linear_distill_loss(hidden, head.weight, y, vals, ids, bias=head.bias,
                                             ce_weight=self.loss.ce_weight,
