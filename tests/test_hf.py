@@ -375,3 +375,30 @@ def test_fused_path_under_bf16_autocast(tmp_path):
     logs = [h for h in tr.state.log_history if "loss" in h]
     assert tr.fused_reason is None and len(logs) == 2 and all(np.isfinite(h["loss"]) for h in logs)
     assert not torch.equal(params(tr.model)["lm_head.weight"], params(student())["lm_head.weight"])
+
+
+@pytest.mark.parametrize("fused,accum", [(True, 1), (True, 2), (False, 1)])
+def test_ddp_two_processes_train_like_one(tmp_path, fused, accum):
+    """torchrun, 2 gloo processes x batch 2 (or 1 x 2 accumulation steps) == one process x batch 4: the same
+    weights, so num_items_in_batch is summed over processes and DDP's averaging undone exactly once."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # torchrun's --master-port 0 would hang: pick a free one
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           os.path.join(os.path.dirname(__file__), "_ddp_trainer.py"), str(tmp_path / "ddp"),
+           "fused" if fused else "logits", str(accum)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = torch.load(tmp_path / "ddp" / "result.pt")
+    assert got["fused_reason"] == (None if fused else "fused=False")
+    one = train(tmp_path / "one", [{"input_ids": s} for s in data()], teacher=teacher(), fused=fused)
+    assert_same_params(got["params"], params(one.model), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(got["params"]["lm_head.weight"], params(student())["lm_head.weight"])
+    for a, b in zip(got["logs"], [x for x in one.state.log_history if "loss" in x]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
