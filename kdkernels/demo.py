@@ -105,11 +105,15 @@ class TinyLM(nn.Module):
         nn.init.normal_(self.tok.weight, std=0.02)
         nn.init.normal_(self.pos, std=0.02)
 
-    def forward(self, idx):
+    def hidden(self, idx):
+        """The last hidden state (B, L, d): what the fused losses take, with the head's weight self.tok.weight."""
         x = self.drop(self.tok(idx) + self.pos[: idx.shape[1]])
         for blk in self.blocks:
             x = blk(x)
-        self.last_hidden = self.ln(x)  # kept for the feature-level (token-relation) distillation
+        return self.ln(x)
+
+    def forward(self, idx):
+        self.last_hidden = self.hidden(idx)  # kept for the feature-level (token-relation) distillation
         return self.last_hidden @ self.tok.weight.t()
 
 
@@ -282,9 +286,16 @@ def val_perplexity(model: nn.Module, val: torch.Tensor, device: torch.device, ba
     return math.exp(total / count)
 
 
-def train(model, train_data, order, cfg: Config, device, amp, *, lr: float, name: str, kd=None, quiet=False,
-          curve=None):
-    """Train in place; `kd(step, x, student_logits)` returns the distillation term (None: hard labels only).
+def hard_label_loss(step, x, model, amp):
+    """The baseline every method starts from: eager cross-entropy on the full logits."""
+    with amp():
+        logits = model(x[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+
+
+def train(model, train_data, order, cfg: Config, device, amp, *, lr: float, name: str, loss_fn=hard_label_loss,
+          quiet=False, curve=None):
+    """Train in place; `loss_fn(step, x, model, amp)` returns the step's whole loss (CE and any KD terms).
 
     Returns the median milliseconds per step (the first steps, which pay for lazy initialisation, left out).
     curve: optional (every, fn(model) -> val loss, list to append (step, loss) to), for the loss-curve plot.
@@ -298,12 +309,7 @@ def train(model, train_data, order, cfg: Config, device, amp, *, lr: float, name
         for gr in opt.param_groups:
             gr["lr"] = lr_at(step, steps, lr)
         x = train_data[order[step]].to(device, non_blocking=True)
-        with amp():
-            logits = model(x[:, :-1])
-        ce = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-        loss = ce
-        if kd is not None:
-            loss = ce + cfg.kd_weight * kd(step, x, logits)
+        loss = loss_fn(step, x, model, amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -324,7 +330,8 @@ def main(argv=None) -> int:
         description="Train a small teacher LM on Python's bundled documentation, then a smaller student five "
         "ways from one initialisation: hard labels only, + top-k KL (mode='renorm', teacher top-k on the fly), "
         "+ top-k KL (mode='tail', an offline cache of teacher top-k log-probs), + that and SinKD (token-level "
-        "Sinkhorn), + that and a token-relation KL on hidden states. Prints a markdown table and writes a PNG "
+        "Sinkhorn), + that and a token-relation KL on hidden states. The top-k KL students run on the fused path "
+        "(CE and KD from the hidden state and the output layer, no full logits), SinKD's on the logits. Prints a markdown table and writes a PNG "
         "of the validation loss curves.",
     )
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
@@ -402,55 +409,73 @@ def main(argv=None) -> int:
     torch.manual_seed(a.seed + 3)
     student0 = TinyLM(V, cfg.seq, cfg.s_dim, cfg.s_layers, cfg.s_heads, 0.0)
 
-    def kd_renorm(step, x, logits):
-        # On the fly: the teacher runs beside the student; only its top-k raw logits reach the loss.
+    # The KD students on the fused path (kdkernels.linear_distill_loss): the student's last hidden state and
+    # its output layer's weight go in, the hard-label CE and the top-k KL come out of one chunked pass, and
+    # the (B*L, V) logits are never held. The teacher's top-k on the fly comes from its hidden state the same
+    # way (linear_teacher_topk). SinKD needs both full distributions, so its student stays on the logits.
+    def fused(model, x, amp, values, ids, mode, values_are):
+        with amp():
+            hidden = model.hidden(x[:, :-1])
+        loss, _ = kdkernels.linear_distill_loss(hidden, model.tok.weight, x[:, 1:], values, ids, ce_weight=1.0,
+                                                kd_weight=cfg.kd_weight, mode=mode, values_are=values_are,
+                                                temperature=cfg.temperature)
+        return loss, hidden
+
+    def teacher_topk_on_the_fly(x):
         with torch.no_grad(), amp():
-            tl = teacher(x[:, :-1])
-        v, ix = kdkernels.teacher_topk(tl, cfg.k, temperature=cfg.temperature, values_are="logits")
-        return kdkernels.topk_kl_div(logits, v.float(), ix, values_are="logits", mode="renorm",
-                                     temperature=cfg.temperature)
+            th = teacher.hidden(x[:, :-1])
+        return th, kdkernels.linear_teacher_topk(th, teacher.tok.weight, cfg.k, temperature=cfg.temperature)
 
-    def kd_tail(step, x, logits):
-        # Offline: read the cached log-probs; the teacher's mass outside the top-k is the tail bucket.
+    def cached_topk(step):
         b = cache.batch(slot[s_order[step]].tolist())
-        v, ix = b.values.to(device, non_blocking=True), b.ids.to(device, non_blocking=True)
-        return kdkernels.topk_kl_div(logits, v, ix, values_are="logprobs", mode="tail", temperature=cfg.temperature)
+        return b.values.to(device, non_blocking=True), b.ids.to(device, non_blocking=True)
 
-    current = {}  # the student being trained, for the term that reads its hidden states
+    def kd_renorm(step, x, model, amp):
+        # On the fly: the teacher runs beside the student; only its top-k log-probs reach the loss.
+        _, (v, ix) = teacher_topk_on_the_fly(x)
+        return fused(model, x, amp, v, ix, "renorm", "logprobs")[0]
 
-    def kd_sinkd(step, x, logits):
+    def kd_tail(step, x, model, amp):
+        # Offline: read the cached log-probs; the teacher's mass outside the top-k is the tail bucket.
+        return fused(model, x, amp, *cached_topk(step), "tail", "logprobs")[0]
+
+    def kd_sinkd(step, x, model, amp):
         # SinKD at token level: per sequence, an L x L entropic OT problem between the student's and the
         # teacher's next-token distributions (T = 2, eps = 0.1, 20 iterations, weight 0.001 as published),
-        # on top of the cached top-k KL.
+        # on top of the cached top-k KL; both need the full logits here.
+        with amp():
+            logits = model(x[:, :-1])
         with torch.no_grad(), amp():
             tl = teacher(x[:, :-1])
-        return kd_tail(step, x, logits) + kdkernels.sinkhorn_kd_loss(logits.float(), tl.float(), weight=0.001)
+        v, ix = cached_topk(step)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        kd = kdkernels.topk_kl_div(logits, v, ix, values_are="logprobs", mode="tail", temperature=cfg.temperature)
+        return ce + cfg.kd_weight * (kd + kdkernels.sinkhorn_kd_loss(logits.float(), tl.float(), weight=0.001))
 
-    def kd_relation(step, x, logits):
+    def kd_relation(step, x, model, amp):
         # Feature level: the teacher's token-relation graph over its last hidden states (width t_dim)
         # taught to the student's (width s_dim): no projection needed, the graphs are T x T.
         with torch.no_grad(), amp():
-            teacher(x[:, :-1])
-        rel = kdkernels.token_relation_loss(current["student"].last_hidden.float(), teacher.last_hidden.float(),
-                                            loss="kl", similarity="dot")
-        return kd_tail(step, x, logits) + rel
+            th = teacher.hidden(x[:, :-1])
+        loss, hidden = fused(model, x, amp, *cached_topk(step), "tail", "logprobs")
+        rel = kdkernels.token_relation_loss(hidden.float(), th.float(), loss="kl", similarity="dot")
+        return loss + cfg.kd_weight * rel
 
-    methods = (("CE", "hard labels (CE)", None),
-               ("KD renorm", "CE + top-k KL renorm (on the fly)", kd_renorm),
-               ("KD tail", "CE + top-k KL tail (offline cache)", kd_tail),
+    methods = (("CE", "hard labels (CE)", hard_label_loss),
+               ("KD renorm", "CE + top-k KL renorm (on the fly, fused)", kd_renorm),
+               ("KD tail", "CE + top-k KL tail (offline cache, fused)", kd_tail),
                ("KD+SinKD", "CE + top-k KL tail + SinKD (token-level Sinkhorn)", kd_sinkd),
-               ("KD+TRG", "CE + top-k KL tail + token-relation KL (hidden states)", kd_relation))
+               ("KD+TRG", "CE + top-k KL tail (fused) + token-relation KL (hidden states)", kd_relation))
     results = []
     # Validation loss on a fixed slice of the validation set, ~8 points per run, for the PNG.
     val_probe = val_data[: min(val_data.shape[0], 64)]
     every = max(1, cfg.s_steps // 8)
     for short, method, kd in methods:
         student = copy.deepcopy(student0).to(device)
-        current["student"] = student
         points = []
         curve = (every, lambda m: math.log(val_perplexity(m, val_probe, device, 64, amp)), points) if a.plot else None
-        ms = train(student, train_data, s_order, cfg, device, amp, lr=cfg.s_lr, name=short, kd=kd, quiet=a.quiet,
-                   curve=curve)
+        ms = train(student, train_data, s_order, cfg, device, amp, lr=cfg.s_lr, name=short, loss_fn=kd,
+                   quiet=a.quiet, curve=curve)
         ppl = val_perplexity(student, val_data, device, 64, amp)
         log(f"{method}: val ppl {ppl:.2f}")
         results.append(dict(method=method, val_ppl=ppl, ms_per_step=ms, val_loss_curve=points))
@@ -463,11 +488,10 @@ def main(argv=None) -> int:
     for _ in range(2):
         for (short, method, kd), r in zip(methods, results):
             student = copy.deepcopy(student0).to(device)
-            current["student"] = student
             if device.type == "cpu":
                 release_free_memory()
             with PeakMemory(device) as mem:
-                train(student, train_data, s_order[:3], cfg, device, amp, lr=cfg.s_lr, name=short, kd=kd,
+                train(student, train_data, s_order[:3], cfg, device, amp, lr=cfg.s_lr, name=short, loss_fn=kd,
                       quiet=True)
             r["peak_mib"] = mem.peak_mib
             del student
