@@ -37,11 +37,13 @@ TENSOR_CORE_EXPECTED = [
      "token_relation.cuh: 16-bit similarity tiles use WMMA m16n16k16 (sim_tile_wmma)"),
     (r"^trk::(relation|contrastive)_bwd_kernel<(__half|__nv_bfloat16),",
      "token_relation.cuh: 16-bit gradient products G @ F use WMMA TF32 m16n16k8 (accum_tile_tf32)"),
+    (r"^tile_mma(_tf32)?_check_kernel",
+     "tile_check.cuh: the mma.sync primitives of common/tile_mma.cuh (m16n8k16 bf16/fp16, m16n8k8 tf32)"),
 ]
 
 # Family of a kernel, by its short name (first match wins); rows are grouped by it.
 FAMILIES = [("topk_kl", r"topk_kl"), ("sinkhorn", r"sinkhorn"), ("token_relation", r"^trk::"),
-            ("attention", r"attention")]
+            ("attention", r"attention"), ("tile primitives (checks)", r"^tile_")]
 
 # SASS mnemonics counted. HMMA/HGMMA (and the integer/double variants) are tensor-core MMAs; note that
 # HFMA2.MMA is a plain half2 FMA issued on the MMA pipe, so only the mnemonic itself is matched.

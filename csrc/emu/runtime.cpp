@@ -26,6 +26,7 @@
 #include "emu/cuda_emu.h"
 #include "emu/op_scope.h"
 #include "emu/runtime.h"
+#include "emu/tile_emu.h"
 
 // ---- fibers: a minimal x86-64 context switch (callee-saved registers, MXCSR, x87 control word) ----------
 // swapcontext would do, but it makes a signal-mask syscall per switch and blocks switch thousands of times.
@@ -76,11 +77,12 @@ constexpr size_t kDefaultDynSmem = 48 * 1024;  // dynamic shared memory without 
 constexpr int kMaxThreads = 1024;
 
 enum class State { kRun, kBarrier, kWarp, kDone };
-enum class WarpOp { kNone, kSync, kShfl, kBallot };
+enum class WarpOp { kNone, kSync, kShfl, kBallot, kGather };
 
 const char* op_name(WarpOp op, Shfl k) {
   if (op == WarpOp::kSync) return "__syncwarp";
   if (op == WarpOp::kBallot) return "a vote (__ballot_sync / __any_sync / __all_sync)";
+  if (op == WarpOp::kGather) return "a warp-wide tile primitive (mma.sync / ldmatrix)";
   switch (k) {
     case Shfl::kIdx: return "__shfl_sync";
     case Shfl::kXor: return "__shfl_xor_sync";
@@ -104,6 +106,12 @@ struct Thread {
   bool pred = false;
   uint32_t clock = 0;                 // warp-sync generations this thread took part in
   std::array<uint32_t, 32> vc{};      // the latest clock of each lane of its warp this thread knows of
+  const void* gin = nullptr;          // a warp gather's contribution, destination and size
+  void* gout = nullptr;
+  size_t gbytes = 0;
+  struct Copy { void* dst; const void* src; int bytes, src_bytes, group; };
+  std::vector<Copy> async;            // queued cp.async copies (group -1: not committed yet)
+  int groups = 0;                     // cp.async groups committed
 };
 
 // What a shared byte last saw: its last writer, and the reads since then (for write-after-read races).
@@ -292,7 +300,7 @@ std::string pending_reason(const Launch& L, const Thread& t) {
       return err.str();
     }
     const Thread& u = L.threads[base + j];
-    if (u.state != State::kWarp || u.op != t.op || u.kind != t.kind || u.mask != t.mask) {
+    if (u.state != State::kWarp || u.op != t.op || u.kind != t.kind || u.mask != t.mask || u.gbytes != t.gbytes) {
       err << "lane " << t.lane << " calls " << op_name(t.op, t.kind) << " with mask 0x" << std::hex << t.mask
           << " but lane " << std::dec << j << " " << state_str(u);
       return err.str();
@@ -333,6 +341,10 @@ bool complete(Launch& L, const Thread& t) {
       u.out = L.threads[base + src].in;
     } else if (op == WarpOp::kBallot) {
       u.out = ballot;
+    } else if (op == WarpOp::kGather) {
+      for (int i = 0; i < 32; ++i)
+        if (lane_in(mask, i))
+          std::memcpy(static_cast<unsigned char*>(u.gout) + i * u.gbytes, L.threads[base + i].gin, u.gbytes);
     } else {
       u.vc = merged;
     }
@@ -675,6 +687,51 @@ KDK_EMU_NO_CHECK void shfl(Shfl kind, unsigned mask, const void* in, void* out, 
   std::memcpy(&v, in, bytes);
   const uint64_t r = warp_op(WarpOp::kShfl, kind, mask, v, arg, width, false);
   std::memcpy(out, &r, bytes);
+}
+
+KDK_EMU_NO_CHECK void warp_gather(unsigned mask, const void* in, void* all, size_t bytes) {
+  Pause p;
+  Thread& t = *g_launch->cur;
+  t.gin = in; t.gout = all; t.gbytes = bytes;
+  warp_op(WarpOp::kGather, Shfl::kIdx, mask, 0, 0, 32, false);
+  t.gbytes = 0;
+}
+
+KDK_EMU_NO_CHECK bool in_shared(const void* p, size_t bytes) {
+  const Launch& L = *g_launch;
+  const auto a = reinterpret_cast<uintptr_t>(p), s0 = reinterpret_cast<uintptr_t>(L.base);
+  return a >= s0 && a + bytes <= s0 + L.span;
+}
+
+KDK_EMU_NO_CHECK void device_fail(const char* what) {
+  Pause p;
+  fail(what);
+}
+
+KDK_EMU_NO_CHECK void cp_async_push(void* dst, const void* src, int bytes, int src_bytes) {
+  Pause p;
+  g_launch->cur->async.push_back({dst, src, bytes, src_bytes, -1});
+}
+
+KDK_EMU_NO_CHECK void cp_async_commit() {
+  Pause p;
+  Thread& t = *g_launch->cur;
+  ++t.groups;
+  for (auto& c : t.async)
+    if (c.group < 0) c.group = t.groups;
+}
+
+KDK_EMU_NO_CHECK bool cp_async_take(int keep, void** dst, const void** src, int* bytes, int* src_bytes) {
+  Pause p;
+  Thread& t = *g_launch->cur;
+  for (size_t i = 0; i < t.async.size(); ++i) {
+    const auto c = t.async[i];
+    if (c.group < 0 || c.group > t.groups - keep) continue;
+    t.async.erase(t.async.begin() + static_cast<std::ptrdiff_t>(i));
+    *dst = c.dst; *src = c.src; *bytes = c.bytes; *src_bytes = c.src_bytes;
+    return true;
+  }
+  return false;
 }
 
 KDK_EMU_NO_CHECK unsigned vote_ballot(unsigned mask, bool pred) {

@@ -7,6 +7,7 @@
 
 #include "common/cuda_utils.cuh"
 #include "common/launch.h"
+#include "common/tile_mma.cuh"
 
 namespace kdk {
 
@@ -124,6 +125,41 @@ __global__ void selftest_global_kernel(SelftestArgs a) {
   }
 }
 
+// Tile primitives (common/tile_mma.cuh) used wrongly: each mode but 0 breaks one rule of cp.async / ldmatrix /
+// mma.sync. One warp; x holds at least 64 floats (256 bytes, 16 rows of 16 bytes).
+__global__ void selftest_tile_kernel(SelftestArgs a) {
+  KDK_STATIC_SMEM(uint4, s, [16]);
+  const int l = threadIdx.x;
+  const auto* src = reinterpret_cast<const uint4*>(a.x);
+  uint32_t r[1] = {0u};
+  const uint32_t fa[4] = {0u, 0u, 0u, 0u}, fb[2] = {0u, 0u};
+  float d[4], c[4] = {0.f, 0.f, 0.f, 0.f};
+  switch (a.mode) {
+    case 0:  // copy, wait, order the warp, read another lane's row: correct
+    case 1:  // the same, read before the copy's group was waited for
+    case 2:  // waited, but not ordered before other lanes read the rows
+      if (l < 16) kdk::tile::cp_async16(&s[l], &src[l]);
+      kdk::tile::cp_async_commit();
+      if (a.mode != 1) kdk::tile::cp_async_wait<0>();
+      if (a.mode == 0) __syncwarp();
+      kdk::tile::ldmatrix<1>(r, &s[l & 7]);
+      a.out[l] = static_cast<float>(r[0] & 0xffffu);
+      break;
+    case 3:  // an ldmatrix row address that is not 16-byte aligned
+      if (l < 16) s[l] = make_uint4(1u, 2u, 3u, 4u);
+      __syncwarp();
+      kdk::tile::ldmatrix<1>(r, reinterpret_cast<const unsigned char*>(&s[l & 7]) + 4);
+      break;
+    case 4:  // an mma.sync by half of the warp
+      if (l < 16) kdk::tile::mma16816<true>(d, fa, fb, c);
+      break;
+    case 5:  // cp.async into global memory
+      kdk::tile::cp_async16(a.x, &src[1]);
+      break;
+    default: break;
+  }
+}
+
 __global__ void __launch_bounds__(128) selftest_bounded_kernel(SelftestArgs a) {
   if (threadIdx.x == 0) a.out[0] = 1.f;
 }
@@ -152,6 +188,15 @@ at::Tensor emu_selftest(c10::string_view check_sv, const at::Tensor& x) {
     if (check == global[i]) {
       a.mode = i;
       launch(selftest_global_kernel, 1, 64, 0, a);
+      return out;
+    }
+  static const char* tile[] = {"tile_ok", "cp_async_no_wait", "cp_async_no_sync", "ldmatrix_misaligned",
+                               "mma_half_warp", "cp_async_to_global"};
+  for (int i = 0; i < 6; ++i)
+    if (check == tile[i]) {
+      TORCH_CHECK(x.numel() >= 64, "emu_selftest: the tile checks need x of at least 64 elements");
+      a.mode = i;
+      launch(selftest_tile_kernel, 1, 32, 0, a);
       return out;
     }
   if (check == "block_too_big") launch(selftest_global_kernel, 1, 2048, 0, a);
