@@ -506,3 +506,47 @@ def test_attention_similarity_refusals(device):
         attention_similarity([q], [torch.randn(1, 3, 5, 4, device=device)])
     with pytest.raises(ValueError, match=re.escape(pre + "metric must be 'js' or 'cosine': got 'kl'")):
         _ops.lib.attention_similarity(q[None], q[None], None, False, 1.0, "kl")
+
+
+# ---------------------------------------------------------------------------------------------
+# The tensor-core forward (csrc/kernels/attention_mma.cuh): float16 / bfloat16, D = Dv in {64, 96, 128}
+# ---------------------------------------------------------------------------------------------
+
+
+def _mma_launches():
+    from kdkernels import _emu
+    return {k: v for k, v in _emu.launch_counts().items() if "attention_fwd_mma_kernel" in k}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dt)
+@pytest.mark.parametrize("D", [64, 96, 128])
+@pytest.mark.parametrize("case", ["causal_gqa", "mask_odd", "shared", "transposed"])
+def test_tensor_core_forward(device, dtype, D, case):
+    emulated = getattr(device, "emulated", False)
+    if device == "cpu" and not emulated:
+        pytest.skip("the tensor-core forward is a CUDA code path")
+    # 70 query rows: two row blocks, the second partial; 75 keys: two key tiles, the second partial
+    Tq, Tk = (70, 75) if emulated else (333, 517)
+    layout = "transposed" if case == "transposed" else "contiguous"
+    q, k, v = make_qkv(B=1, H=2, Hk=1 if case == "causal_gqa" else 2, Tq=Tq, Tk=Tk, D=D, dtype=dtype,
+                       device=device, layout=layout, grad=False)
+    kw = dict(causal=case in ("causal_gqa", "shared"))
+    if case in ("mask_odd", "shared"):
+        kw["mask"] = random_mask(1, 2, Tq, Tk, device, empty_rows=((0, 1, 3),))
+    if emulated:
+        from kdkernels import _emu
+        _emu.reset_launch_counts()
+    qr, kr, vr = up(q, k, v)
+    if case == "shared":  # the anchor's LSE from the float64 reference, the sharing layer's own V
+        _, lse = attention_ref(qr, kr, vr, **{k_: (m.cpu() if k_ == "mask" else m) for k_, m in kw.items()})
+        out = kdkernels.shared_attention(q, k, lse.float().to(device), v, mode="recompute", **kw)
+        ro = shared_attention_ref(qr, kr, vr, **{k_: (m.cpu() if k_ == "mask" else m) for k_, m in kw.items()})
+    else:
+        out, lse = kdkernels.attention(q, k, v, **kw)
+        ro, rl = attention_ref(qr, kr, vr, **{k_: (m.cpu() if k_ == "mask" else m) for k_, m in kw.items()})
+        finite = torch.isfinite(rl)
+        torch.testing.assert_close(lse.double().cpu()[finite], rl.detach()[finite], rtol=2e-5, atol=2e-5)
+        assert torch.equal(torch.isfinite(lse.cpu()), finite)  # fully masked rows: -inf, as the SIMT kernel
+    assert_close(out, ro, dtype)
+    if emulated:
+        assert _mma_launches(), "the tensor-core kernel did not run"

@@ -54,7 +54,8 @@ BROKEN = [
                   r"16 has exited"),
     ("shfl_lane", r"lane \d+ reads lane 20 in __shfl_sync, which is not in the mask 0xffff"),
     # the tile primitives of csrc/common/tile_mma.cuh (cp.async lands only when its group is waited for)
-    ("cp_async_no_wait", r"read of shared memory never written in this block"),
+    ("cp_async_no_wait", r"shared memory accessed while a cp.async copy into it is in flight \(no "
+                         r"cp.async.wait_group retired it\)"),
     ("cp_async_no_sync", r"shared-memory race \(read after write\)"),
     ("ldmatrix_misaligned", r"ldmatrix: a row address is not 16-byte aligned"),
     ("mma_half_warp", r"warp collective mask mismatch: lane \d+ calls a warp-wide tile primitive \(mma.sync / "

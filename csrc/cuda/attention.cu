@@ -13,6 +13,7 @@
 #include "common/checks.h"
 #include "common/launch.h"
 #include "kernels/attention.cuh"
+#include "kernels/attention_mma.cuh"
 #include "ops.h"
 
 namespace kdk {
@@ -50,6 +51,52 @@ AttnParams<scalar_t, acc_t> make_params(const AttnArgs& a, const at::Tensor& q, 
   return p;
 }
 
+// Whether the tensor-core forward (kernels/attention_mma.cuh) takes this call: float16 / bfloat16, D = Dv in
+// {64, 96, 128}, every row of q, k, v 16-byte aligned (cp.async), on an sm_80+ device.
+template <class scalar_t>
+bool use_mma_fwd(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  if constexpr (!std::is_same_v<scalar_t, at::Half> && !std::is_same_v<scalar_t, at::BFloat16>) {
+    return false;
+  } else {
+    if (a.D != a.Dv || (a.D != 64 && a.D != 96 && a.D != 128)) return false;
+    for (const at::Tensor* t : {&q, &k, &v}) {
+      if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
+      for (int d = 0; d < 3; ++d)
+        if (t->size(d) > 1 && t->stride(d) % 8 != 0) return false;
+    }
+#ifdef KDK_EMU
+    return true;  // the emulator models sm_80 / sm_90
+#else
+    return at::cuda::getCurrentDeviceProperties()->major >= 8;
+#endif
+  }
+}
+
+// Launches the tensor-core forward when use_mma_fwd says it applies; false otherwise (the SIMT kernel runs).
+template <class scalar_t, class acc_t>
+bool try_mma_fwd(const AttnNames& n, const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const AttnParams<scalar_t, acc_t>& p, bool shared) {
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    if (!use_mma_fwd<scalar_t>(a, q, k, v)) return false;
+    constexpr bool bf = std::is_same_v<scalar_t, at::BFloat16>;
+    const size_t smem = attention_mma_smem(p.D);
+    const dim3 grid(static_cast<unsigned>((a.Tq + kAttnMmaBM - 1) / kAttnMmaBM), static_cast<unsigned>(a.B * a.H));
+    auto run = [&](auto kernel) {
+      allow_smem(kernel, smem, n.op);
+      launch(kernel, grid, kAttnMmaThreads, smem, p);
+    };
+    if (a.D == 64) shared ? run(attention_fwd_mma_kernel<scalar_t, bf, 64, true>)
+                          : run(attention_fwd_mma_kernel<scalar_t, bf, 64, false>);
+    else if (a.D == 96) shared ? run(attention_fwd_mma_kernel<scalar_t, bf, 96, true>)
+                               : run(attention_fwd_mma_kernel<scalar_t, bf, 96, false>);
+    else shared ? run(attention_fwd_mma_kernel<scalar_t, bf, 128, true>)
+                : run(attention_fwd_mma_kernel<scalar_t, bf, 128, false>);
+    return true;
+  } else {
+    return false;
+  }
+}
+
 at::Tensor opt_mask(const c10::optional<at::Tensor>& mask) { return mask.has_value() ? *mask : at::Tensor(); }
 
 // attention (lse_in undefined) or shared attention in recompute mode (lse_in given).
@@ -69,6 +116,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const AttnNames& n, const AttnAr
     p.o = out.data_ptr<scalar_t>();
     if (shared) p.lse_in = lse.data_ptr<acc_t>();
     else p.lse_out = lse.data_ptr<acc_t>();
+    if (try_mma_fwd<scalar_t>(n, a, q, k, v, p, shared)) return;
     const size_t smem = attention_smem_fwd<acc_t>(p.D, p.Dv);
     const dim3 grid(static_cast<unsigned>((a.Tq + AttnFwdTile<acc_t>::BM - 1) / AttnFwdTile<acc_t>::BM),
                     static_cast<unsigned>(a.B * a.H));

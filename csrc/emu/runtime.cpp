@@ -120,10 +120,11 @@ struct Shadow {
   int16_t reader;   // thread id, -1: none, -2: several in warp rwarp (lanes r_lanes), -3: several warps
   int16_t rwarp;
   int16_t atomic;   // the last write was an atomic: 1 of one thread, 2 of several since the last barrier
+  int16_t inflight; // a cp.async copy into this byte was issued and not yet retired by a wait
   uint32_t w_epoch, w_clock, r_epoch, r_clock, r_lanes;
 };
 
-constexpr Shadow kNeverWritten{-1, -1, -1, 0, 0, 0, 0, 0, 0};
+constexpr Shadow kNeverWritten{-1, -1, -1, 0, 0, 0, 0, 0, 0, 0};
 
 struct Launch {
   std::string name;
@@ -535,7 +536,9 @@ void shared_access(Launch& L, uintptr_t a, size_t n, bool write) {
     }
     const char* kind = nullptr;
     int other = -1;
-    if (!write && s.writer == -1) kind = "read of shared memory never written in this block";
+    if (s.inflight) kind = "shared memory accessed while a cp.async copy into it is in flight (no cp.async.wait_group "
+                           "retired it)";
+    else if (!write && s.writer == -1) kind = "read of shared memory never written in this block";
     else if (s.writer >= 0 && (!ordered_after_write(L, s, t) || (s.atomic == 2 && s.w_epoch == L.epoch))) {
       kind = write ? "shared-memory race (write after write)" : "shared-memory race (read after write)";
       other = s.writer;
@@ -706,11 +709,25 @@ KDK_EMU_NO_CHECK bool in_shared(const void* p, size_t bytes) {
 KDK_EMU_NO_CHECK void device_fail(const char* what) {
   Pause p;
   fail(what);
+  std::abort();  // fail() leaves the fiber for good
 }
+
+// The copy may land any time between issue and wait: the issue counts as this thread's write of the
+// destination (a reader of the old contents not ordered before it is a race), the bytes stay in flight
+// (any access before the wait is an error) and are written when a wait retires the group.
+namespace {
+void set_inflight(Launch& L, const void* dst, int bytes, int16_t v) {
+  const size_t off = reinterpret_cast<uintptr_t>(dst) - reinterpret_cast<uintptr_t>(L.base);
+  for (int i = 0; i < bytes; ++i) L.shadow[off + i].inflight = v;
+}
+}  // namespace
 
 KDK_EMU_NO_CHECK void cp_async_push(void* dst, const void* src, int bytes, int src_bytes) {
   Pause p;
-  g_launch->cur->async.push_back({dst, src, bytes, src_bytes, -1});
+  Launch& L = *g_launch;
+  shared_access(L, reinterpret_cast<uintptr_t>(dst), size_t(bytes), true);
+  set_inflight(L, dst, bytes, 1);
+  L.cur->async.push_back({dst, src, bytes, src_bytes, -1});
 }
 
 KDK_EMU_NO_CHECK void cp_async_commit() {
@@ -728,6 +745,7 @@ KDK_EMU_NO_CHECK bool cp_async_take(int keep, void** dst, const void** src, int*
     const auto c = t.async[i];
     if (c.group < 0 || c.group > t.groups - keep) continue;
     t.async.erase(t.async.begin() + static_cast<std::ptrdiff_t>(i));
+    set_inflight(*g_launch, c.dst, c.bytes, 0);
     *dst = c.dst; *src = c.src; *bytes = c.bytes; *src_bytes = c.src_bytes;
     return true;
   }
