@@ -550,3 +550,39 @@ def test_tensor_core_forward(device, dtype, D, case):
     assert_close(out, ro, dtype)
     if emulated:
         assert _mma_launches(), "the tensor-core kernel did not run"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dt)
+@pytest.mark.parametrize("D", [64, 96, 128])
+@pytest.mark.parametrize("case", ["causal_gqa", "mask_odd", "shared_v_only"])
+def test_tensor_core_backward(device, dtype, D, case):
+    emulated = getattr(device, "emulated", False)
+    if device == "cpu" and not emulated:
+        pytest.skip("the tensor-core backward is a CUDA code path")
+    Tq, Tk = (70, 75) if emulated else (333, 517)
+    q, k, v = make_qkv(B=1, H=2, Hk=1 if case == "causal_gqa" else 2, Tq=Tq, Tk=Tk, D=D, dtype=dtype, device=device)
+    kw = dict(causal=case == "causal_gqa")
+    if case != "causal_gqa":
+        kw["mask"] = random_mask(1, 2, Tq, Tk, device, empty_rows=((0, 1, 3),))
+    ref_kw = {k_: (m.cpu() if k_ == "mask" else m) for k_, m in kw.items()}
+    if emulated:
+        from kdkernels import _emu
+        _emu.reset_launch_counts()
+    qr, kr, vr = up(q, k, v)
+    g = _randn(1, 2, Tq, D)
+    if case == "shared_v_only":  # shared attention's backward with only V needing a gradient
+        _, lse = attention_ref(qr, kr, vr, **ref_kw)
+        qd, kd = q.detach(), k.detach()
+        out = kdkernels.shared_attention(qd, kd, lse.detach().float().to(device), v, mode="recompute", **kw)
+        grads = torch.autograd.grad((out * g.to(dtype).to(device)).sum(), (v,))
+        ro = shared_attention_ref(qr.detach(), kr.detach(), vr, **ref_kw)
+        ref = torch.autograd.grad((ro * g.to(dtype).double()).sum(), (vr,))
+    else:
+        out, _ = kdkernels.attention(q, k, v, **kw)
+        grads = torch.autograd.grad((out * g.to(dtype).to(device)).sum(), (q, k, v))
+        ro, _ = attention_ref(qr, kr, vr, **ref_kw)
+        ref = torch.autograd.grad((ro * g.to(dtype).double()).sum(), (qr, kr, vr))
+    assert_grads_close(grads, ref, dtype)
+    if emulated:
+        from kdkernels import _emu
+        assert any("attention_bwd_mma_kernel" in name for name in _emu.launch_counts()), _emu.launch_counts()

@@ -37,8 +37,8 @@ TENSOR_CORE_EXPECTED = [
      "token_relation.cuh: 16-bit similarity tiles use WMMA m16n16k16 (sim_tile_wmma)"),
     (r"^trk::(relation|contrastive)_bwd_kernel<(__half|__nv_bfloat16),",
      "token_relation.cuh: 16-bit gradient products G @ F use WMMA TF32 m16n16k8 (accum_tile_tf32)"),
-    (r"^attention_fwd_mma_kernel<",
-     "attention_mma.cuh: S = Q K^T and O += P V on mma.sync m16n8k16 (FlashAttention-2-style forward)"),
+    (r"^attention_(fwd|bwd)_mma_kernel<",
+     "attention_mma.cuh: every product of the FlashAttention-2-style forward and backward on mma.sync m16n8k16"),
     (r"^tile_mma(_tf32)?_check_kernel",
      "tile_check.cuh: the mma.sync primitives of common/tile_mma.cuh (m16n8k16 bf16/fp16, m16n8k8 tf32)"),
 ]

@@ -97,6 +97,28 @@ bool try_mma_fwd(const AttnNames& n, const AttnArgs& a, const at::Tensor& q, con
   }
 }
 
+// The tensor-core backward under the same conditions (and a 16-byte aligned dO); false: the SIMT kernel runs.
+template <class scalar_t, class acc_t>
+bool try_mma_bwd(const AttnNames& n, const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& go, const AttnParams<scalar_t, acc_t>& p) {
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    if (!use_mma_fwd<scalar_t>(a, q, k, v) || reinterpret_cast<uintptr_t>(go.data_ptr()) % 16 != 0) return false;
+    constexpr bool bf = std::is_same_v<scalar_t, at::BFloat16>;
+    const size_t smem = attention_mma_bwd_smem(p.D);
+    const dim3 grid(static_cast<unsigned>((a.Tk + 63) / 64), static_cast<unsigned>(a.B * a.Hk));
+    auto run = [&](auto kernel) {
+      allow_smem(kernel, smem, n.op);
+      launch(kernel, grid, kAttnMmaThreads, smem, p);
+    };
+    if (a.D == 64) run(attention_bwd_mma_kernel<scalar_t, bf, 64>);
+    else if (a.D == 96) run(attention_bwd_mma_kernel<scalar_t, bf, 96>);
+    else run(attention_bwd_mma_kernel<scalar_t, bf, 128>);
+    return true;
+  } else {
+    return false;
+  }
+}
+
 at::Tensor opt_mask(const c10::optional<at::Tensor>& mask) { return mask.has_value() ? *mask : at::Tensor(); }
 
 // attention (lse_in undefined) or shared attention in recompute mode (lse_in given).
@@ -161,6 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const AttnNames& n,
       p.dq = grad_qk ? dq_acc.data_ptr<acc_t>() : nullptr;
       p.dk = grad_qk ? dk.data_ptr<scalar_t>() : nullptr;
       p.dv = dv.data_ptr<scalar_t>();
+      if (try_mma_bwd<scalar_t>(n, a, q, k, v, go, p)) return;
       const size_t smem = attention_smem_bwd<acc_t>(p.D, p.Dv);
       const dim3 grid(static_cast<unsigned>((a.Tk + AttnBwdTile<acc_t>::BN - 1) / AttnBwdTile<acc_t>::BN),
                       static_cast<unsigned>(a.B * a.Hk));

@@ -176,4 +176,181 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_fwd_mma_kernel(Attn
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------
+// Backward on tensor cores (attention and shared attention alike: P from the saved LSE), float16 / bfloat16,
+// D = Dv in {64, 96, 128}. One block of 4 warps per (64 keys, batch*kv_head); each warp owns 16 keys and
+// keeps their dK, dV accumulators in registers across every query head of its group and every 64-row
+// query tile. Per query tile, in the transposed orientation (keys as rows):
+//   S^T = K Q^T -> P^T = exp(scale S^T - lse) -> dV += P^T dO -> dP^T = V dO^T -> dS^T = P^T (dP^T - delta)
+//   -> dK += dS^T Q; dQ += scale dS K is this block's share: dS^T goes through shared memory (16-bit, the
+//   transposed ldmatrix gives dS's A fragment back) and each warp adds 16 query rows with float atomics.
+// Q and dO tiles arrive by cp.async (one stage: the tile is consumed by four products in turn).
+// ---------------------------------------------------------------------------------------------
+inline size_t attention_mma_bwd_smem(int D) {
+  return sizeof(uint16_t) * (size_t(4) * 64 * (D + 8) + size_t(64) * (64 + 8)) + 2 * 64 * sizeof(float);
+}
+
+template <class scalar_t, bool kBF16, int D>
+__global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_mma_kernel(AttnParams<scalar_t, float> p) {
+#if KDK_TENSOR_CORES
+  constexpr int BM = 64, BN = 64, LD = D + 8, LDS = BM + 8, KS = D / 16, NT = BM / 8, DT = D / 8, CH = D / 8;
+  KDK_DYNAMIC_SMEM(kdk_attn_mma_smem, 16);
+  uint16_t* Ks = reinterpret_cast<uint16_t*>(kdk_attn_mma_smem);
+  uint16_t* Vs = Ks + BN * LD;
+  uint16_t* Qs = Vs + BN * LD;
+  uint16_t* dOs = Qs + BM * LD;
+  uint16_t* dSs = dOs + BM * LD;  // dS^T: [key][query]
+  float* lse_s = reinterpret_cast<float*>(dSs + BN * LDS);
+  float* dl_s = lse_s + BM;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int64_t bhk = blockIdx.y, b = bhk / p.Hk, hk = bhk % p.Hk;
+  const int64_t n0 = int64_t(blockIdx.x) * BN;
+  auto load_tile = [&](uint16_t* dst, const scalar_t* src, int64_t st, int64_t row0, int64_t valid) {
+    for (int idx = tid; idx < 64 * CH; idx += kAttnMmaThreads) {
+      const int r = idx / CH, c = idx % CH;
+      const bool ok = row0 + r < valid;
+      tile::cp_async16(dst + r * LD + c * 8, src + (ok ? row0 + r : 0) * st + c * 8, ok);
+    }
+  };
+  load_tile(Ks, p.k + b * p.k_sb + hk * p.k_sh, p.k_st, n0, p.Tk);
+  load_tile(Vs, p.v + b * p.v_sb + hk * p.v_sh, p.v_st, n0, p.Tk);
+  tile::cp_async_commit();
+
+  // A fragments of rows r0w .. r0w + 15 of a [row][col] tile, k-step kk (cols kk*16 .. +15).
+  auto a_frag = [&](uint32_t (&f)[4], const uint16_t* base, int ld, int r0w, int kk) {
+    tile::ldmatrix<4>(f, base + (r0w + (lane & 7) + 8 * ((lane >> 3) & 1)) * ld + kk * 16 + 8 * (lane >> 4));
+  };
+  // B fragments of n-tiles j, j+1 (rows 8j .. 8j+15 of a [n][k] tile), k-step kk: the col-major B.
+  auto bt_frag = [&](uint32_t (&f)[4], const uint16_t* base, int ld, int j, int kk) {
+    tile::ldmatrix<4>(f, base + (8 * j + (lane & 7) + 8 * (lane >> 4)) * ld + kk * 16 + 8 * ((lane >> 3) & 1));
+  };
+  // B fragments of n-tiles j, j+1 (cols 8j .. 8j+15 of a [k][n] tile), k-step kk: the row-major B, transposed.
+  auto b_frag = [&](uint32_t (&f)[4], const uint16_t* base, int ld, int j, int kk) {
+    tile::ldmatrix<4, true>(f, base + (kk * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * ld + 8 * j + 8 * (lane >> 4));
+  };
+  // Two accumulator tiles (keys x 8 queries each) as the A fragment of k-step kk over the queries.
+  auto acc_to_a = [](uint32_t (&a)[4], float (*x)[4], int kk) {
+    for (int q = 0; q < 4; ++q) {
+      const float* src = x[2 * kk + (q >> 1)] + 2 * (q & 1);
+      a[q] = tile::pack(static_cast<uint16_t>(scalar_t(src[0]).x), static_cast<uint16_t>(scalar_t(src[1]).x));
+    }
+  };
+  auto mma2 = [](float (*acc)[4], int j, const uint32_t (&a)[4], const uint32_t (&f)[4]) {
+    const uint32_t b0[2] = {f[0], f[1]}, b1[2] = {f[2], f[3]};
+    tile::mma16816<kBF16>(acc[j], a, b0, acc[j]);
+    tile::mma16816<kBF16>(acc[j + 1], a, b1, acc[j + 1]);
+  };
+
+  const int kw = warp * 16;  // this warp's keys within the block (and, for dQ, its query rows)
+  // acc (16 x 64 queries) += this warp's 16 rows of A (a [row][D] tile) times Bt^T (Bt a [query][D] tile)
+  auto rows_x_bt = [&](float (*acc)[4], const uint16_t* A, const uint16_t* Bt) {
+    for (int kk = 0; kk < KS; ++kk) {
+      uint32_t a[4];
+      a_frag(a, A, LD, kw, kk);
+      for (int j = 0; j < NT; j += 2) {
+        uint32_t f[4];
+        bt_frag(f, Bt, LD, j, kk);
+        mma2(acc, j, a, f);
+      }
+    }
+  };
+  // acc (16 x D) += x (16 x 64 queries, accumulator tiles) times B (a [query][D] tile)
+  auto acc_x_b = [&](float (*acc)[4], float (*x)[4], const uint16_t* B) {
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      uint32_t a[4];
+      acc_to_a(a, x, kk);
+      for (int j = 0; j < DT; j += 2) {
+        uint32_t f[4];
+        b_frag(f, B, LD, j, kk);
+        mma2(acc, j, a, f);
+      }
+    }
+  };
+
+  float dk[DT][4], dv[DT][4];
+  for (int j = 0; j < DT; ++j)
+    for (int i = 0; i < 4; ++i) dk[j][i] = dv[j][i] = 0.f;
+
+  int64_t qstart = p.causal ? attn_clamp(n0 - p.off, 0, p.Tq) : 0;  // first query row that sees a key here
+  qstart = (qstart / BM) * BM;
+  for (int64_t hg = 0; hg < p.group; ++hg) {
+    const int64_t h = hk * p.group + hg, bh = b * p.H + h;
+    const scalar_t* qp = p.q + b * p.q_sb + h * p.q_sh;
+    const scalar_t* dop = p.dout + bh * p.Tq * D;
+    const bool* mp = p.mask ? p.mask + b * p.m_sb + h * p.m_sh : nullptr;
+    for (int64_t m0 = qstart; m0 < p.Tq; m0 += BM) {
+      const int rows = static_cast<int>(attn_min(BM, p.Tq - m0));
+      __syncthreads();  // the previous tile's readers are done
+      load_tile(Qs, qp, p.q_st, m0, p.Tq);
+      load_tile(dOs, dop, D, m0, p.Tq);
+      tile::cp_async_commit();
+      if (tid < BM) {
+        lse_s[tid] = tid < rows ? static_cast<float>(p.lse_in[bh * p.Tq + m0 + tid]) : neg_inf<float>();
+        dl_s[tid] = tid < rows ? static_cast<float>(p.delta[bh * p.Tq + m0 + tid]) : 0.f;
+      }
+      tile::cp_async_wait<0>();
+      __syncthreads();
+
+      float s[NT][4], dp[NT][4];
+      for (int j = 0; j < NT; ++j)
+        for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.f;
+      rows_x_bt(s, Ks, Qs);  // S^T = K Q^T
+      for (int j = 0; j < NT; ++j)  // P^T
+        for (int i = 0; i < 4; ++i) {
+          const int qc = 8 * j + 2 * t + (i & 1);
+          const int64_t gj = n0 + kw + g + 8 * (i >> 1);
+          const float L = lse_s[qc];
+          const bool ok = qc < rows && gj < p.Tk && L != neg_inf<float>() && attn_visible(p, mp, m0 + qc, gj);
+          s[j][i] = ok ? kexp(s[j][i] * p.scale - L) : 0.f;
+        }
+      acc_x_b(dv, s, dOs);  // dV += P^T dO
+      if (!p.grad_qk) continue;
+      rows_x_bt(dp, Vs, dOs);  // dP^T = V dO^T
+      for (int j = 0; j < NT; ++j)  // dS^T = P^T (dP^T - delta), also staged 16-bit for dQ
+        for (int i = 0; i < 4; ++i) dp[j][i] = s[j][i] * (dp[j][i] - dl_s[8 * j + 2 * t + (i & 1)]);
+      for (int j = 0; j < NT; ++j)
+        for (int r = 0; r < 2; ++r)
+          *reinterpret_cast<uint32_t*>(dSs + (kw + g + 8 * r) * LDS + 8 * j + 2 * t) =
+              tile::pack(static_cast<uint16_t>(scalar_t(dp[j][2 * r]).x),
+                         static_cast<uint16_t>(scalar_t(dp[j][2 * r + 1]).x));
+      acc_x_b(dk, dp, Qs);  // dK += dS^T Q
+      __syncthreads();  // dS^T of every warp is staged
+      // dQ rows kw .. kw + 15 of this query tile += scale dS K, two 8-column tiles at a time
+      for (int j = 0; j < DT; j += 2) {
+        float dq[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          uint32_t a[4], f[4];  // dS rows (queries) from dS^T [key][query], transposed by ldmatrix
+          tile::ldmatrix<4, true>(a, dSs + (kk * 16 + 8 * (lane >> 4) + (lane & 7)) * LDS + kw + 8 * ((lane >> 3) & 1));
+          b_frag(f, Ks, LD, j, kk);
+          const uint32_t b0[2] = {f[0], f[1]}, b1[2] = {f[2], f[3]};
+          tile::mma16816<kBF16>(dq[0], a, b0, dq[0]);
+          tile::mma16816<kBF16>(dq[1], a, b1, dq[1]);
+        }
+        for (int r = 0; r < 2; ++r) {
+          const int qr = kw + g + 8 * r;
+          if (qr >= rows) continue;
+          float* dqrow = p.dq + (bh * p.Tq + m0 + qr) * D;
+          for (int u = 0; u < 2; ++u) {
+            atomicAdd(dqrow + 8 * (j + u) + 2 * t, dq[u][2 * r] * p.scale);
+            atomicAdd(dqrow + 8 * (j + u) + 2 * t + 1, dq[u][2 * r + 1] * p.scale);
+          }
+        }
+      }
+    }
+  }
+  tile::cp_async_wait<0>();
+  for (int r = 0; r < 2; ++r) {  // this block alone owns these keys' dK, dV
+    const int64_t gj = n0 + kw + g + 8 * r;
+    if (gj >= p.Tk) continue;
+    for (int j = 0; j < DT; ++j)
+      for (int c = 0; c < 2; ++c) {
+        const int64_t at = (bhk * p.Tk + gj) * D + 8 * j + 2 * t + c;
+        p.dv[at] = scalar_t(dv[j][2 * r + c]);
+        if (p.grad_qk) p.dk[at] = scalar_t(dk[j][2 * r + c] * p.scale);
+      }
+  }
+#endif
+}
+
 }  // namespace kdk
