@@ -586,3 +586,36 @@ def test_tensor_core_backward(device, dtype, D, case):
     if emulated:
         from kdkernels import _emu
         assert any("attention_bwd_mma_kernel" in name for name in _emu.launch_counts()), _emu.launch_counts()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dt)
+@pytest.mark.parametrize("D", [64, 128])
+def test_tensor_core_backward_deterministic(device, dtype, D):
+    # torch.use_deterministic_algorithms(True): dQ from its own kernel, summed without atomics
+    emulated = getattr(device, "emulated", False)
+    if device == "cpu" and not emulated:
+        pytest.skip("the tensor-core backward is a CUDA code path")
+    Tq, Tk = (70, 75) if emulated else (333, 517)
+    q, k, v = make_qkv(B=1, H=4, Hk=2, Tq=Tq, Tk=Tk, D=D, dtype=dtype, device=device)
+    mask = random_mask(1, 4, Tq, Tk, device, empty_rows=((0, 1, 3),))
+    g = _randn(1, 4, Tq, D).to(dtype).to(device)
+    was = torch.are_deterministic_algorithms_enabled()
+    runs = []
+    try:
+        torch.use_deterministic_algorithms(True)
+        for _ in range(2):
+            if emulated:
+                from kdkernels import _emu
+                _emu.reset_launch_counts()
+            out, _ = kdkernels.attention(q, k, v, causal=True, mask=mask)
+            runs.append(torch.autograd.grad((out * g).sum(), (q, k, v)))
+            if emulated:
+                assert any("attention_bwd_dq_mma_kernel" in n for n in _emu.launch_counts())
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)  # bitwise, run to run
+    qr, kr, vr = up(q, k, v)
+    ro, _ = attention_ref(qr, kr, vr, causal=True, mask=mask.cpu())
+    ref = torch.autograd.grad((ro * g.double().cpu()).sum(), (qr, kr, vr))
+    assert_grads_close(runs[0], ref, dtype)

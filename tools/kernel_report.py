@@ -37,7 +37,7 @@ TENSOR_CORE_EXPECTED = [
      "token_relation.cuh: 16-bit similarity tiles use WMMA m16n16k16 (sim_tile_wmma)"),
     (r"^trk::(relation|contrastive)_bwd_kernel<(__half|__nv_bfloat16),",
      "token_relation.cuh: 16-bit gradient products G @ F use WMMA TF32 m16n16k8 (accum_tile_tf32)"),
-    (r"^attention_(fwd|bwd)_mma_kernel<",
+    (r"^attention_(fwd|bwd|bwd_dq)_mma_kernel<",
      "attention_mma.cuh: every product of the FlashAttention-2-style forward and backward on mma.sync m16n8k16"),
     (r"^tile_mma(_tf32)?_check_kernel",
      "tile_check.cuh: the mma.sync primitives of common/tile_mma.cuh (m16n8k16 bf16/fp16, m16n8k8 tf32)"),

@@ -98,6 +98,8 @@ bool try_mma_fwd(const AttnNames& n, const AttnArgs& a, const at::Tensor& q, con
 }
 
 // The tensor-core backward under the same conditions (and a 16-byte aligned dO); false: the SIMT kernel runs.
+// dQ: float atomics from the key-block kernel, or, under torch.use_deterministic_algorithms(True), a second
+// kernel per query block that sums it in a fixed order.
 template <class scalar_t, class acc_t>
 bool try_mma_bwd(const AttnNames& n, const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const at::Tensor& go, const AttnParams<scalar_t, acc_t>& p) {
@@ -110,9 +112,26 @@ bool try_mma_bwd(const AttnNames& n, const AttnArgs& a, const at::Tensor& q, con
       allow_smem(kernel, smem, n.op);
       launch(kernel, grid, kAttnMmaThreads, smem, p);
     };
-    if (a.D == 64) run(attention_bwd_mma_kernel<scalar_t, bf, 64>);
-    else if (a.D == 96) run(attention_bwd_mma_kernel<scalar_t, bf, 96>);
-    else run(attention_bwd_mma_kernel<scalar_t, bf, 128>);
+    // Deterministic algorithms: dQ from its own kernel (no float atomics), then dK / dV without the dQ share.
+    const bool det = p.grad_qk && at::globalContext().deterministicAlgorithms();
+    if (det) {
+      const size_t dq_smem = attention_mma_dq_smem(p.D);
+      const dim3 dq_grid(static_cast<unsigned>((a.Tq + 63) / 64), static_cast<unsigned>(a.B * a.H));
+      auto run_dq = [&](auto kernel) {
+        allow_smem(kernel, dq_smem, n.op);
+        launch(kernel, dq_grid, kAttnMmaThreads, dq_smem, p);
+      };
+      if (a.D == 64) run_dq(attention_bwd_dq_mma_kernel<scalar_t, bf, 64>);
+      else if (a.D == 96) run_dq(attention_bwd_dq_mma_kernel<scalar_t, bf, 96>);
+      else run_dq(attention_bwd_dq_mma_kernel<scalar_t, bf, 128>);
+      if (a.D == 64) run(attention_bwd_mma_kernel<scalar_t, bf, 64, false>);
+      else if (a.D == 96) run(attention_bwd_mma_kernel<scalar_t, bf, 96, false>);
+      else run(attention_bwd_mma_kernel<scalar_t, bf, 128, false>);
+    } else {
+      if (a.D == 64) run(attention_bwd_mma_kernel<scalar_t, bf, 64, true>);
+      else if (a.D == 96) run(attention_bwd_mma_kernel<scalar_t, bf, 96, true>);
+      else run(attention_bwd_mma_kernel<scalar_t, bf, 128, true>);
+    }
     return true;
   } else {
     return false;

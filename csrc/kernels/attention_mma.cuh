@@ -190,7 +190,9 @@ inline size_t attention_mma_bwd_smem(int D) {
   return sizeof(uint16_t) * (size_t(4) * 64 * (D + 8) + size_t(64) * (64 + 8)) + 2 * 64 * sizeof(float);
 }
 
-template <class scalar_t, bool kBF16, int D>
+// kDq: also add this block's dQ share with float atomics (the fast, run-to-run nondeterministic sum); without
+// it, attention_bwd_dq_mma_kernel computes dQ deterministically.
+template <class scalar_t, bool kBF16, int D, bool kDq>
 __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_mma_kernel(AttnParams<scalar_t, float> p) {
 #if KDK_TENSOR_CORES
   constexpr int BM = 64, BN = 64, LD = D + 8, LDS = BM + 8, KS = D / 16, NT = BM / 8, DT = D / 8, CH = D / 8;
@@ -309,12 +311,15 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_mma_kernel(Attn
       rows_x_bt(dp, Vs, dOs);  // dP^T = V dO^T
       for (int j = 0; j < NT; ++j)  // dS^T = P^T (dP^T - delta), also staged 16-bit for dQ
         for (int i = 0; i < 4; ++i) dp[j][i] = s[j][i] * (dp[j][i] - dl_s[8 * j + 2 * t + (i & 1)]);
-      for (int j = 0; j < NT; ++j)
-        for (int r = 0; r < 2; ++r)
-          *reinterpret_cast<uint32_t*>(dSs + (kw + g + 8 * r) * LDS + 8 * j + 2 * t) =
-              tile::pack(static_cast<uint16_t>(scalar_t(dp[j][2 * r]).x),
-                         static_cast<uint16_t>(scalar_t(dp[j][2 * r + 1]).x));
+      if constexpr (kDq) {
+        for (int j = 0; j < NT; ++j)
+          for (int r = 0; r < 2; ++r)
+            *reinterpret_cast<uint32_t*>(dSs + (kw + g + 8 * r) * LDS + 8 * j + 2 * t) =
+                tile::pack(static_cast<uint16_t>(scalar_t(dp[j][2 * r]).x),
+                           static_cast<uint16_t>(scalar_t(dp[j][2 * r + 1]).x));
+      }
       acc_x_b(dk, dp, Qs);  // dK += dS^T Q
+      if constexpr (!kDq) continue;
       __syncthreads();  // dS^T of every warp is staged
       // dQ rows kw .. kw + 15 of this query tile += scale dS K, two 8-column tiles at a time
       for (int j = 0; j < DT; j += 2) {
@@ -349,6 +354,112 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_mma_kernel(Attn
         p.dv[at] = scalar_t(dv[j][2 * r + c]);
         if (p.grad_qk) p.dk[at] = scalar_t(dk[j][2 * r + c] * p.scale);
       }
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic dQ (torch.use_deterministic_algorithms): one block per (64 query rows, batch*head), each
+// warp 16 rows with dQ in registers over every key tile, in the forward orientation:
+//   S = Q K^T -> P = exp(scale S - lse) -> dP = dO V^T -> dS = P (dP - delta) -> dQ += dS K.
+// No atomics: every dQ element is summed by one thread in a fixed order. Costs a second pass over
+// S and dP (the key-block kernel, without kDq, then computes only dK and dV).
+// ---------------------------------------------------------------------------------------------
+inline size_t attention_mma_dq_smem(int D) { return sizeof(uint16_t) * size_t(4) * 64 * (D + 8); }
+
+template <class scalar_t, bool kBF16, int D>
+__global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_dq_mma_kernel(AttnParams<scalar_t, float> p) {
+#if KDK_TENSOR_CORES
+  constexpr int BM = 64, BN = 64, LD = D + 8, KS = D / 16, NT = BN / 8, DT = D / 8, CH = D / 8;
+  KDK_DYNAMIC_SMEM(kdk_attn_mma_smem, 16);
+  uint16_t* Qs = reinterpret_cast<uint16_t*>(kdk_attn_mma_smem);
+  uint16_t* dOs = Qs + BM * LD;
+  uint16_t* Ks = dOs + BM * LD;
+  uint16_t* Vs = Ks + BN * LD;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3, qw = warp * 16;
+  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H, hk = h / p.group;
+  const int64_t m0 = int64_t(blockIdx.x) * BM;
+  const int rows = static_cast<int>(attn_min(BM, p.Tq - m0));
+  const scalar_t* kp = p.k + b * p.k_sb + hk * p.k_sh;
+  const scalar_t* vp = p.v + b * p.v_sb + hk * p.v_sh;
+  const bool* mp = p.mask ? p.mask + b * p.m_sb + h * p.m_sh : nullptr;
+  auto load_tile = [&](uint16_t* dst, const scalar_t* src, int64_t st, int64_t row0, int64_t valid) {
+    for (int idx = tid; idx < 64 * CH; idx += kAttnMmaThreads) {
+      const int r = idx / CH, c = idx % CH;
+      const bool ok = row0 + r < valid;
+      tile::cp_async16(dst + r * LD + c * 8, src + (ok ? row0 + r : 0) * st + c * 8, ok);
+    }
+  };
+  load_tile(Qs, p.q + b * p.q_sb + h * p.q_sh, p.q_st, m0, p.Tq);
+  load_tile(dOs, p.dout + bh * p.Tq * D, D, m0, p.Tq);
+  const int lrow[2] = {qw + g, qw + g + 8};
+  float L[2], dl[2];
+  for (int r = 0; r < 2; ++r) {
+    const bool in = lrow[r] < rows;
+    L[r] = in ? static_cast<float>(p.lse_in[bh * p.Tq + m0 + lrow[r]]) : neg_inf<float>();
+    dl[r] = in ? static_cast<float>(p.delta[bh * p.Tq + m0 + lrow[r]]) : 0.f;
+  }
+  float dq[DT][4];
+  for (int j = 0; j < DT; ++j)
+    for (int i = 0; i < 4; ++i) dq[j][i] = 0.f;
+  const int64_t kend = p.causal ? attn_clamp(m0 + rows + p.off, 0, p.Tk) : p.Tk;
+  for (int64_t n0 = 0; n0 < kend; n0 += BN) {
+    __syncthreads();  // the previous key tile's readers are done
+    load_tile(Ks, kp, p.k_st, n0, p.Tk);
+    load_tile(Vs, vp, p.v_st, n0, p.Tk);
+    tile::cp_async_commit();
+    tile::cp_async_wait<0>();
+    __syncthreads();
+    float s[NT][4], dp[NT][4];
+    for (int j = 0; j < NT; ++j)
+      for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.f;
+    for (int kk = 0; kk < KS; ++kk) {  // S = Q K^T and dP = dO V^T, K and V rows as the col-major B
+      uint32_t aq[4], ad[4];
+      tile::ldmatrix<4>(aq, Qs + (qw + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + kk * 16 + 8 * (lane >> 4));
+      tile::ldmatrix<4>(ad, dOs + (qw + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + kk * 16 + 8 * (lane >> 4));
+      for (int j = 0; j < NT; j += 2) {
+        uint32_t fk[4], fv[4];
+        tile::ldmatrix<4>(fk, Ks + (8 * j + (lane & 7) + 8 * (lane >> 4)) * LD + kk * 16 + 8 * ((lane >> 3) & 1));
+        tile::ldmatrix<4>(fv, Vs + (8 * j + (lane & 7) + 8 * (lane >> 4)) * LD + kk * 16 + 8 * ((lane >> 3) & 1));
+        const uint32_t k0[2] = {fk[0], fk[1]}, k1[2] = {fk[2], fk[3]}, v0[2] = {fv[0], fv[1]}, v1[2] = {fv[2], fv[3]};
+        tile::mma16816<kBF16>(s[j], aq, k0, s[j]);
+        tile::mma16816<kBF16>(s[j + 1], aq, k1, s[j + 1]);
+        tile::mma16816<kBF16>(dp[j], ad, v0, dp[j]);
+        tile::mma16816<kBF16>(dp[j + 1], ad, v1, dp[j + 1]);
+      }
+    }
+    for (int j = 0; j < NT; ++j)  // dS = P (dP - delta)
+      for (int i = 0; i < 4; ++i) {
+        const int r = i >> 1;
+        const int64_t gj = n0 + 8 * j + 2 * t + (i & 1);
+        const bool ok = lrow[r] < rows && gj < p.Tk && L[r] != neg_inf<float>() &&
+                        attn_visible(p, mp, m0 + lrow[r], gj);
+        const float P = ok ? kexp(s[j][i] * p.scale - L[r]) : 0.f;
+        dp[j][i] = P * (dp[j][i] - dl[r]);
+      }
+    for (int kk = 0; kk < BN / 16; ++kk) {  // dQ += dS K, K rows [key][d] as the row-major B
+      uint32_t a[4];
+      for (int q = 0; q < 4; ++q) {
+        const float* src = dp[2 * kk + (q >> 1)] + 2 * (q & 1);
+        a[q] = tile::pack(static_cast<uint16_t>(scalar_t(src[0]).x), static_cast<uint16_t>(scalar_t(src[1]).x));
+      }
+      for (int j = 0; j < DT; j += 2) {
+        uint32_t f[4];
+        tile::ldmatrix<4, true>(f, Ks + (kk * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + 8 * j + 8 * (lane >> 4));
+        const uint32_t b0[2] = {f[0], f[1]}, b1[2] = {f[2], f[3]};
+        tile::mma16816<kBF16>(dq[j], a, b0, dq[j]);
+        tile::mma16816<kBF16>(dq[j + 1], a, b1, dq[j + 1]);
+      }
+    }
+  }
+  tile::cp_async_wait<0>();
+  for (int r = 0; r < 2; ++r) {
+    if (lrow[r] >= rows) continue;
+    float* dqrow = p.dq + (bh * p.Tq + m0 + lrow[r]) * D;
+    for (int j = 0; j < DT; ++j) {
+      dqrow[8 * j + 2 * t] = dq[j][2 * r] * p.scale;
+      dqrow[8 * j + 2 * t + 1] = dq[j][2 * r + 1] * p.scale;
+    }
   }
 #endif
 }
