@@ -33,6 +33,8 @@ from kdkernels.reference import attention_ref, shared_attention_ref  # noqa: E40
 
 FULL = {"cpu": dict(B=2, H=8, Hk=8, T=512, D=64, dtype=torch.float32),
         "cuda": dict(B=4, H=32, Hk=32, T=2048, D=64, dtype=torch.bfloat16)}
+# The tensor-core bar shape (issue 13): attention forward >= 0.8x and backward >= 0.6x SDPA's fastest backend
+D128 = {"cuda": dict(B=4, H=32, Hk=32, T=2048, D=128, dtype=torch.bfloat16)}
 QUICK = {"cpu": dict(B=1, H=4, Hk=4, T=256, D=64, dtype=torch.float32),
          "cuda": dict(B=2, H=16, Hk=16, T=1024, D=64, dtype=torch.bfloat16)}
 # TinyLlama-1.1B's decoder (22 layers, hidden 2048, 32 heads, 4 kv heads, MLP 5632); groups sharing 9 layers
@@ -79,6 +81,14 @@ def attention_impls(q, k, v, device, causal=True):
              ("SDPA", lambda: F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1) if rep > 1 else k,
                                                              v.repeat_interleave(rep, 1) if rep > 1 else v,
                                                              is_causal=causal))]
+    if device.type == "cuda":  # each SDPA backend on its own, so the fastest one is the bar
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        for label, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA efficient",
+                               SDPBackend.EFFICIENT_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
+            def run(backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=rep > 1)
+            impls.append((label, run))
     fa = _flash_attn() if device.type == "cuda" else None
     if fa is not None:
         impls.append(("flash-attn", lambda: fa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -97,14 +107,30 @@ def sharing_impls(q, k, v, v2, lse, device, causal=True):
     return impls
 
 
-def time_impls(device, case, impls, tensors, log, extra):
+# Physical floors of the H200 for the fraction-of-peak column: bf16 dense tensor-core rate (the spec's number;
+# benchmarks/gpu_check.sh measures the GEMM rate of the machine it runs on).
+H200_BF16_TFLOPS = 989.0
+
+
+def attention_flops(B, H, Tq, Tk, D, causal, backward):
+    """FlashAttention's convention: 4 B H Tq Tk D for QK^T and PV (half of it causal); backward 2.5x that."""
+    f = 4.0 * B * H * Tq * Tk * D * (0.5 if causal else 1.0)
+    return f * (3.5 if backward else 1.0)
+
+
+def time_impls(device, case, impls, tensors, log, extra, flops=None, forward_only=False):
     rows, outs = [], {}
     for name, fn in impls:
         log(f"  {case}: {name} ...")
         try:
             out = fn()
             g = torch.randn_like(out)
-            step = step_fn(fn, tensors, g)
+            if forward_only:
+                def step(fn=fn):
+                    with torch.no_grad():
+                        fn()
+            else:
+                step = step_fn(fn, tensors, g)
             t0 = time.perf_counter()
             step()
             common.synchronize(device)
@@ -116,8 +142,12 @@ def time_impls(device, case, impls, tensors, log, extra):
             log(f"    failed: {type(e).__name__}: {str(e)[:200]}")
             continue
         peak = common.peak_memory(step, device) if device.type == "cuda" else None  # CPU: RSS is too coarse here
-        rows.append(common.make_row(device, case, name, timing, first_call_s=round(first, 3), peak_bytes=peak,
-                                    **extra))
+        row = common.make_row(device, case, name, timing, first_call_s=round(first, 3), peak_bytes=peak, **extra)
+        if flops:
+            row["tflops"] = round(flops / (timing["ms"] * 1e-3) / 1e12, 2)
+            if device.type == "cuda":
+                row["frac_peak"] = round(row["tflops"] / H200_BF16_TFLOPS, 3)
+        rows.append(row)
         log(f"    {timing['ms']:.3f} ms (median of {timing['runs']})")
     ref = outs.get("reference eager")
     for r in rows:
@@ -130,8 +160,13 @@ def op_cases(device, shape, log):
     B, H, T, D = shape["B"], shape["H"], shape["T"], shape["D"]
     q, k, v, v2 = inputs(shape, device)
     extra = dict(shape=f"B={B} H={H} Hk={shape['Hk']} T={T} d={D}", dtype=str(shape["dtype"]).replace("torch.", ""))
+    fwd_flops = attention_flops(B, H, T, T, D, True, False)
+    case_f = f"attention fwd causal {extra['shape']} {extra['dtype']}"
+    rows = time_impls(device, case_f, attention_impls(q, k, v, device), (q, k, v), log, extra, flops=fwd_flops,
+                      forward_only=True)
     case_a = f"attention fwd+bwd causal {extra['shape']} {extra['dtype']}"
-    rows = time_impls(device, case_a, attention_impls(q, k, v, device), (q, k, v), log, extra)
+    rows += time_impls(device, case_a, attention_impls(q, k, v, device), (q, k, v), log, extra,
+                       flops=attention_flops(B, H, T, T, D, True, True))
     with torch.no_grad():
         _, lse = kdkernels.attention(q, k, v, causal=True)
     case_b = f"sharing layer fwd+bwd causal {extra['shape']} {extra['dtype']}"
@@ -224,6 +259,12 @@ def bars(device, rows):
             if device.type == "cpu" and eager:
                 ratio = r["ms"] / eager["ms"]
                 common.check_bar(r, f"<= {CPU_EAGER_BAR:g}x eager (got {ratio:.2f}x)", ratio <= CPU_EAGER_BAR)
+            sdpa = [b for n_, b in impls.items() if n_.startswith("SDPA ")]
+            if device.type == "cuda" and case.startswith("attention") and sdpa and name == "kdkernels.attention":
+                best = min(b["ms"] for b in sdpa)
+                want = 0.8 if case.startswith("attention fwd causal") else 0.6
+                common.check_bar(r, f">= {want:g}x the fastest SDPA backend's throughput (got {best / r['ms']:.2f}x)",
+                                 best / r["ms"] >= want)
             if device.type == "cuda" and case.startswith("sharing"):
                 for base in ("SDPA", "flash-attn"):
                     b = impls.get(base)
@@ -264,6 +305,8 @@ def main(argv=None) -> int:
     rows = []
     if cases & {"attention", "sharing"}:
         rows += op_cases(device, shape, log)
+        if device.type == "cuda" and not a.quick:
+            rows += op_cases(device, D128["cuda"], log)
     if "stack" in cases:
         cfg = (STACK_QUICK if a.quick else STACK_FULL)[device.type]
         rows += stack_case(device, cfg, torch.bfloat16 if device.type == "cuda" else torch.float32, log)
@@ -272,6 +315,9 @@ def main(argv=None) -> int:
     print(common.header(device) + "\n")
     print(common.summary_table(rows, baseline_of_factory(rows)))
     notes = [f"- {r['case']} / {r['impl']}: {r['note']}" for r in rows if r.get("note")]
+    notes += [f"- {r['case']} / {r['impl']}: {r['tflops']} TFLOP/s" +
+              (f" ({100 * r['frac_peak']:.1f}% of the H200's {H200_BF16_TFLOPS:g} TFLOP/s bf16)" if "frac_peak" in r
+               else "") for r in rows if r.get("tflops") is not None]
     if notes:
         print("\n" + "\n".join(notes))
     if a.out:
