@@ -144,7 +144,7 @@ def time_impls(device, case, impls, tensors, log, extra, flops=None, forward_onl
         peak = common.peak_memory(step, device) if device.type == "cuda" else None  # CPU: RSS is too coarse here
         row = common.make_row(device, case, name, timing, first_call_s=round(first, 3), peak_bytes=peak, **extra)
         if flops:
-            row["tflops"] = round(flops / (timing["ms"] * 1e-3) / 1e12, 2)
+            row["tflops"] = float(f"{flops / (timing['ms'] * 1e-3) / 1e12:.3g}")
             if device.type == "cuda":
                 row["frac_peak"] = round(row["tflops"] / H200_BF16_TFLOPS, 3)
         rows.append(row)

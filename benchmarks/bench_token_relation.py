@@ -34,6 +34,9 @@ ALL_CASES = ("kl", "mse", "contrastive")
 # T x T matrix, the reference holds several, plus 4 MiB for the per-thread 256 x 256 tiles); GPU >= 4x eager, within 1.5x of the similarity GEMMs timed with torch.matmul, peak memory
 # O(B T (Ds + Dt)) (here: at most 32 bytes per (token, feature) of both models: the 16-bit feature
 # copies, the float32 gradient accumulator and its re-ordered copies).
+# The tensor-core bar shape (issue 13): KL, bf16, forward + backward <= 1.5x the two cuBLAS GEMMs it implies
+TC_SHAPE = dict(B=8, T=4096, Ds=1024, Dt=1024, H=16, dtype=torch.bfloat16)
+H200_BF16_TFLOPS = 989.0  # dense bf16 tensor-core rate, for the fraction-of-peak column
 CPU_SPEEDUP_BAR = 1.5
 GPU_SPEEDUP_BAR = 4.0
 GPU_GEMM_BAR = 1.5
@@ -149,6 +152,14 @@ def run_case(device, shape, case, compile_ref, log, T=None, impls=None):
             rows.append(common.make_row(device, label, "similarity GEMMs (torch.matmul)", None,
                                         error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", **extra))
     s.grad = None
+    # The GEMM FLOPs the loss implies: both similarity graphs (2 B T^2 D each) forward, and the student's
+    # gradient (G F, twice: both sides of the symmetric product) backward.
+    flops = 2.0 * B * T * T * (shape["Ds"] + Dt) + 4.0 * B * T * T * shape["Ds"]
+    for r in rows:
+        if not r.get("error") and r.get("ms"):
+            r["tflops"] = float(f"{flops / (r['ms'] * 1e-3) / 1e12:.3g}")
+            if device.type == "cuda":
+                r["frac_peak"] = round(r["tflops"] / H200_BF16_TFLOPS, 3)
     _agreement(rows, losses, grads)
     _bars(device, rows, B, T, shape["Ds"], Dt)
     del s, t, grads
@@ -235,6 +246,9 @@ def main(argv=None) -> int:
     rows = []
     for case in cases:
         rows += run_case(device, shape, case, case in compile_cases, log)
+    if device.type == "cuda" and not a.quick and "kl" in cases:
+        rows += run_case(device, TC_SHAPE, "kl", False, log, impls=("kdkernels", "reference eager",
+                                                                  "similarity GEMMs (torch.matmul)"))
     if device.type == "cuda" and not a.no_long and not a.quick and "kl" in cases:
         # T = 32768 at B = 1: kdkernels runs; the reference is tried and reported (out of memory).
         long_shape = dict(shape, B=1)
@@ -244,6 +258,9 @@ def main(argv=None) -> int:
     print(common.header(device) + "\n")
     print(common.summary_table(rows))
     notes = [f"- {r['case']} / {r['impl']}: {r['note']}" for r in rows if r.get("note")]
+    notes += [f"- {r['case']} / {r['impl']}: {r['tflops']} TFLOP/s of implied GEMM work" +
+              (f" ({100 * r['frac_peak']:.1f}% of the H200's {H200_BF16_TFLOPS:g} TFLOP/s bf16)" if "frac_peak" in r
+               else "") for r in rows if r.get("tflops") is not None]
     if notes:
         print("\n" + "\n".join(notes))
     if a.out:
