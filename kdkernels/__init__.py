@@ -58,3 +58,20 @@ from .functional import attention, shared_attention, shared_attention_probs  # n
 from . import echoatt  # noqa: E402,F401  (kdkernels.echoatt: layer similarity, groups, EchoAttention, conversion)
 
 __all__ += ["attention", "shared_attention", "shared_attention_probs", "echoatt"]
+
+
+# Submodules reachable as attributes, imported on first use (`kdkernels.cache.TeacherCache(...)` after a plain
+# `import kdkernels`), so `import kdkernels` stays light.
+_LAZY_SUBMODULES = ("cache", "integrations", "reference", "demo")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'kdkernels' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
