@@ -12,6 +12,16 @@ except ImportError as e:  # pragma: no cover - depends on the install
         "`pip install --no-build-isolation -e .` in this environment (torch must already be installed)."
     ) from e
 
+import os as _os  # noqa: E402
+
+# The extension is compiled against one torch's C++ ABI; with another torch it may load and then misbehave.
+if _C.torch_version() != torch.__version__ and _os.environ.get("KDKERNELS_ALLOW_TORCH_MISMATCH") != "1":
+    raise ImportError(
+        f"kdkernels: the native extension was built against torch {_C.torch_version()}, but this process runs "
+        f"torch {torch.__version__}. Rebuild it in this environment: `pip install --no-build-isolation -e .` "
+        "(or reinstall the wheel built for this torch); KDKERNELS_ALLOW_TORCH_MISMATCH=1 skips this check."
+    )
+
 from . import _meta  # noqa: F401,E402  (fake kernels for torch.compile)
 from .functional import teacher_topk, topk_kl_div  # noqa: E402
 from .losses import TopKKLDivLoss  # noqa: E402

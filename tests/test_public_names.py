@@ -36,3 +36,17 @@ def test_every_dotted_name_in_the_code_blocks_resolves(page):
                 pytest.importorskip("transformers")
             assert hasattr(obj, part), f"{page.name}: kdkernels{chain}: {getattr(obj, '__name__', obj)!r} has no '{part}'"
             obj = getattr(obj, part)
+
+
+def test_a_torch_other_than_the_build_one_is_refused_at_import():
+    import subprocess
+    import sys
+
+    code = "import torch; torch.__version__ = '0.0.1'; import kdkernels"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert re.search(r"kdkernels: the native extension was built against torch \S+, but this process runs torch "
+                     r"0\.0\.1\. Rebuild it in this environment", proc.stderr), proc.stderr[-1500:]
+    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                        env={**__import__("os").environ, "KDKERNELS_ALLOW_TORCH_MISMATCH": "1"})
+    assert ok.returncode == 0, ok.stderr[-1500:]
