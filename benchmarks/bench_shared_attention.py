@@ -4,10 +4,14 @@ Cases (shared/design/ops/shared_attention.md, "Bars"):
   attention   kdkernels.attention vs SDPA, flash-attn (when installed) and the eager reference, same shape;
   sharing     one sharing layer: kdkernels.shared_attention (recompute / materialize) vs a full attention call
               of the same shape (SDPA, flash-attn) and the eager reference softmax(Q_a K_a^T) V;
+  group       an EchoAtt group of 4 layers (anchor + 3 sharing), forward+backward of the attention alone:
+              kdkernels.SharedAttentionGroup (the anchor's dQ, dK once), per-layer shared_attention
+              (recompute, materialize) vs 4 SDPA layers;
   stack       a TinyLlama-shaped decoder stack (transformers' LlamaModel), one training step (forward, loss,
               backward): the EchoAtt student (9 of 22 layers sharing) vs the unshared stack.
-Bars: GPU (bf16, B=4, H=32, T=2048, d=64) sharing layer >= 1.3x faster than SDPA/flash-attn, EchoAtt stack
->= 1.15x faster per step than the unshared stack; CPU kdkernels within 3x of the eager reference.
+Bars: GPU (bf16, B=4, H=32, T=2048, d=64) sharing layer >= 1.3x faster than SDPA/flash-attn, EchoAtt group of 4
+>= 1.3x faster than 4 SDPA layers, EchoAtt stack >= 1.15x faster per step than the unshared stack; CPU kdkernels
+within 3x of the eager reference.
 """
 
 from __future__ import annotations
@@ -236,6 +240,49 @@ def stack_case(device, cfg, dtype, log):
     return rows
 
 
+GROUP_LAYERS = 4  # anchor + 3 sharing layers
+
+
+def group_impls(q, k, vs, device, causal=True):
+    """One group's attention, forward+backward: the anchor's attention and its sharing layers', stacked."""
+    rep = q.shape[1] // k.shape[1]
+
+    def kd(mode):
+        def run():
+            out0, lse = kdkernels.attention(q, k, vs[0], causal=causal)
+            if mode == "group":
+                g = kdkernels.SharedAttentionGroup(q, k, lse, causal=causal)
+                outs = [g(v) for v in vs[1:]]
+            elif mode == "probs":
+                P = kdkernels.shared_attention_probs(q, k, lse, causal=causal)
+                outs = [kdkernels.shared_attention(q, k, lse, v, causal=causal, probs=P) for v in vs[1:]]
+            else:
+                outs = [kdkernels.shared_attention(q, k, lse, v, causal=causal, mode="recompute") for v in vs[1:]]
+            return torch.stack([out0, *outs])
+        return run
+
+    def sdpa():
+        kk = k.repeat_interleave(rep, 1) if rep > 1 else k
+        return torch.stack([F.scaled_dot_product_attention(q, kk, v.repeat_interleave(rep, 1) if rep > 1 else v,
+                                                           is_causal=causal) for v in vs])
+
+    impls = [("kdkernels group (SharedAttentionGroup)", kd("group")),
+             ("kdkernels per-layer recompute", kd("recompute")),
+             ("kdkernels materialized probs", kd("probs")),
+             (f"{len(vs)} SDPA layers", sdpa)]
+    impls.append(("reference eager", lambda: torch.stack([attention_ref(q, k, v, causal=causal)[0] for v in vs])))
+    return impls
+
+
+def group_case(device, shape, log):
+    B, H, T, D = shape["B"], shape["H"], shape["T"], shape["D"]
+    q, k, v, _ = inputs(shape, device)
+    vs = [v] + [inputs(shape, device, seed=i + 1)[2] for i in range(GROUP_LAYERS - 1)]
+    extra = dict(shape=f"B={B} H={H} Hk={shape['Hk']} T={T} d={D}", dtype=str(shape["dtype"]).replace("torch.", ""))
+    case = f"group of {GROUP_LAYERS} fwd+bwd causal {extra['shape']} {extra['dtype']}"
+    return time_impls(device, case, group_impls(q, k, vs, device), (q, k, *vs), log, extra)
+
+
 def bars(device, rows):
     by = {}
     for r in rows:
@@ -265,6 +312,12 @@ def bars(device, rows):
                 want = 0.8 if case.startswith("attention fwd causal") else 0.6
                 common.check_bar(r, f">= {want:g}x the fastest SDPA backend's throughput (got {best / r['ms']:.2f}x)",
                                  best / r["ms"] >= want)
+            if device.type == "cuda" and case.startswith("group") and name == "kdkernels group (SharedAttentionGroup)":
+                b = impls.get(f"{GROUP_LAYERS} SDPA layers")
+                if b:
+                    sp = b["ms"] / r["ms"]
+                    common.check_bar(r, f">= {GPU_SHARED_BAR:g}x {GROUP_LAYERS} SDPA layers (got {sp:.2f}x)",
+                                     sp >= GPU_SHARED_BAR)
             if device.type == "cuda" and case.startswith("sharing"):
                 for base in ("SDPA", "flash-attn"):
                     b = impls.get(base)
@@ -285,8 +338,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="small shapes (seconds); the bars are for the full shapes")
-    p.add_argument("--cases", default="attention,sharing,stack", help="comma list of attention, sharing, stack "
-                   "(attention and sharing run together)")
+    p.add_argument("--cases", default="attention,sharing,group,stack", help="comma list of attention, sharing, "
+                   "group, stack (attention and sharing run together)")
     p.add_argument("--out", default=None, help="write rows to .csv, .json or .jsonl (appended)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; default: torch's)")
     p.add_argument("--quiet", action="store_true")
@@ -307,6 +360,8 @@ def main(argv=None) -> int:
         rows += op_cases(device, shape, log)
         if device.type == "cuda" and not a.quick:
             rows += op_cases(device, D128["cuda"], log)
+    if "group" in cases:
+        rows += group_case(device, shape, log)
     if "stack" in cases:
         cfg = (STACK_QUICK if a.quick else STACK_FULL)[device.type]
         rows += stack_case(device, cfg, torch.bfloat16 if device.type == "cuda" else torch.float32, log)

@@ -95,6 +95,9 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd_cuda(KDK_TOKEN_CONTRAST
 #define KDK_SHARED_ATTENTION_BWD_ARGS                                                                         \
   const at::Tensor &grad_out, const at::Tensor &q, const at::Tensor &k, const at::Tensor &lse, const at::Tensor &v, \
       const at::Tensor &out, const OptTensor &mask, bool causal, double scale, bool grad_qk
+#define KDK_SHARED_ATTENTION_GROUP_BWD_ARGS                                                                   \
+  const at::Tensor &grad_out, const at::Tensor &q, const at::Tensor &k, const at::Tensor &lse, const at::Tensor &v, \
+      const at::Tensor &out, const OptTensor &mask, bool causal, double scale
 #define KDK_SHARED_ATTENTION_PROBS_FWD_ARGS \
   const at::Tensor &q, const at::Tensor &k, const at::Tensor &lse, const OptTensor &mask, bool causal, double scale
 #define KDK_SHARED_ATTENTION_PROBS_BWD_ARGS \
@@ -107,6 +110,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(KDK_ATTENTION_FWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(KDK_ATTENTION_BWD_ARGS);
 at::Tensor shared_attention_fwd_cpu(KDK_SHARED_ATTENTION_FWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_attention_bwd_cpu(KDK_SHARED_ATTENTION_BWD_ARGS);
+std::tuple<at::Tensor, at::Tensor> shared_attention_group_bwd_cpu(KDK_SHARED_ATTENTION_GROUP_BWD_ARGS);
 at::Tensor shared_attention_probs_fwd_cpu(KDK_SHARED_ATTENTION_PROBS_FWD_ARGS);
 std::tuple<at::Tensor, at::Tensor> shared_attention_probs_bwd_cpu(KDK_SHARED_ATTENTION_PROBS_BWD_ARGS);
 at::Tensor attention_similarity_cpu(KDK_ATTENTION_SIMILARITY_ARGS);
@@ -114,6 +118,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(KDK_ATTENTION_FWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(KDK_ATTENTION_BWD_ARGS);
 at::Tensor shared_attention_fwd_cuda(KDK_SHARED_ATTENTION_FWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_attention_bwd_cuda(KDK_SHARED_ATTENTION_BWD_ARGS);
+std::tuple<at::Tensor, at::Tensor> shared_attention_group_bwd_cuda(KDK_SHARED_ATTENTION_GROUP_BWD_ARGS);
 at::Tensor shared_attention_probs_fwd_cuda(KDK_SHARED_ATTENTION_PROBS_FWD_ARGS);
 std::tuple<at::Tensor, at::Tensor> shared_attention_probs_bwd_cuda(KDK_SHARED_ATTENTION_PROBS_BWD_ARGS);
 at::Tensor attention_similarity_cuda(KDK_ATTENTION_SIMILARITY_ARGS);

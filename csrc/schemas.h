@@ -52,6 +52,10 @@ inline void define_ops(torch::Library& m) {
   m.def("shared_attention_bwd(Tensor grad_out, Tensor q_anchor, Tensor k_anchor, Tensor lse_anchor, Tensor v, "
         "Tensor out, Tensor? mask, bool causal, float scale, bool grad_qk) "
         "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // The recompute-mode group backward of EchoAtt: dQ, dK of the anchor for all its sharing layers at once
+  // (grad_out, v, out stacked (L, ...) over the layers; dP sums over them, dS is formed once).
+  m.def("shared_attention_group_bwd(Tensor grad_out, Tensor q_anchor, Tensor k_anchor, Tensor lse_anchor, "
+        "Tensor v, Tensor out, Tensor? mask, bool causal, float scale) -> (Tensor grad_q, Tensor grad_k)");
   m.def("shared_attention_probs_fwd(Tensor q_anchor, Tensor k_anchor, Tensor lse_anchor, Tensor? mask, "
         "bool causal, float scale) -> Tensor");
   m.def("shared_attention_probs_bwd(Tensor grad_probs, Tensor probs, Tensor q_anchor, Tensor k_anchor, "

@@ -64,10 +64,10 @@ from .parallel import vocab_parallel_linear_topk_kl_div, vocab_parallel_topk_kl_
 __all__ += ["linear_topk_kl_div", "linear_distill_loss", "linear_teacher_topk", "LinearTopKKLDivLoss",
             "vocab_parallel_topk_kl_div", "vocab_parallel_linear_topk_kl_div"]
 
-from .functional import attention, shared_attention, shared_attention_probs  # noqa: E402
+from .functional import SharedAttentionGroup, attention, shared_attention, shared_attention_probs  # noqa: E402
 from . import echoatt  # noqa: E402,F401  (kdkernels.echoatt: layer similarity, groups, EchoAttention, conversion)
 
-__all__ += ["attention", "shared_attention", "shared_attention_probs", "echoatt"]
+__all__ += ["attention", "shared_attention", "shared_attention_probs", "SharedAttentionGroup", "echoatt"]
 
 
 # Submodules reachable as attributes, imported on first use (`kdkernels.cache.TeacherCache(...)` after a plain

@@ -461,6 +461,22 @@ def _shared_attention_bwd_fake(grad_out, q, k, lse, v, out, mask, causal, scale,
     return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
 
 
+@_fake("shared_attention_group_bwd")
+def _shared_attention_group_bwd_fake(grad_out, q, k, lse, v, out, mask, causal, scale):
+    group = dict(SHARED_NAMES, op="shared_attention_group_bwd")
+    if not isinstance(v, torch.Tensor) or v.dim() != 5 or v.shape[0] < 1:
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        _attn_fail(group, f"v must be the sharing layers' values stacked (L, B, Hk, Tk, Dv) with L >= 1: got shape "
+                          f"{got}")
+    B, H, Hk, Tq, Tk, D, Dv = check_attention(SHARED_NAMES, q, k, v[0], lse, scale, mask)
+    want = (v.shape[0], B, H, Tq, Dv)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        _attn_like(group, t, name, q, "q_anchor")
+        if tuple(t.shape) != want:
+            _attn_fail(group, f"{name} must have shape (L, B, H, Tq, Dv) = {want}: got {tuple(t.shape)}")
+    return q.new_empty(q.shape), q.new_empty(k.shape)
+
+
 @_fake("shared_attention_probs_fwd")
 def _shared_attention_probs_fwd_fake(q, k, lse, mask, causal, scale):
     B, H, Hk, Tq, Tk, D, Dv = check_attention(SHARED_NAMES, q, k, None, lse, scale, mask)

@@ -235,3 +235,64 @@ class SharedAttentionProbs(torch.autograd.Function):
         q, k, probs = ctx.saved_tensors
         dq, dk = _ops.lib.shared_attention_probs_bwd(grad_probs, probs, q, k, ctx.scale)
         return dq if need[0] else None, dk if need[1] else None, None, None, None, None
+
+
+class _GroupState:
+    """What the sharing layers of one recompute-mode group share: the anchor's (detached) q, k, lse, the mask and
+    options, and the (grad_out, v, out) each layer's backward leaves for the group's one dQ / dK backward."""
+
+    def __init__(self, q, k, lse, mask, causal, scale):
+        self.q, self.k, self.lse, self.mask, self.causal, self.scale = q, k, lse, mask, causal, scale
+        self.pending = []
+
+
+class SharedAttentionGroupGate(torch.autograd.Function):
+    """The anchor's (q, k) as a group's sharing layers see them: an empty token every layer takes as input. Its
+    backward runs after every layer's (autograd orders it so) and turns what they stashed into dq, dk with one
+    shared_attention_group_bwd: dP summed over the layers, dS, dQ and dK formed once."""
+
+    @staticmethod
+    def forward(q, k, state):
+        return q.new_empty((0,))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.state = inputs[2]
+
+    @staticmethod
+    def backward(ctx, _grad_token):
+        st = ctx.state
+        pending, st.pending = st.pending, []
+        if not pending or not any(ctx.needs_input_grad[:2]):
+            return None, None, None
+        go, v, out = (torch.stack([p[i] for p in pending]) for i in range(3))
+        dq, dk = _ops.lib.shared_attention_group_bwd(go, st.q, st.k, st.lse, v, out, st.mask, st.causal, st.scale)
+        return dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None, None
+
+
+class SharedAttentionMember(torch.autograd.Function):
+    """One sharing layer of a recompute-mode group: the forward of SharedAttention; the backward computes this
+    layer's dV alone and leaves (grad_out, v, out) to the group's gate for dq, dk."""
+
+    @staticmethod
+    def forward(q, k, lse, v, mask, token, causal, scale, state):
+        return _ops.lib.shared_attention_fwd(q, k, lse, v, mask, causal, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, lse, v, mask, token, causal, scale, state = inputs
+        ctx.save_for_backward(q, k, lse, v, output, mask)
+        ctx.options = (causal, scale)
+        ctx.state = state
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        need = ctx.needs_input_grad
+        q, k, lse, v, out, mask = ctx.saved_tensors
+        dv = dtoken = None
+        if need[3]:
+            dv = _ops.lib.shared_attention_bwd(grad_out, q, k, lse, v, out, mask, *ctx.options, False)[2]
+        if need[5]:
+            ctx.state.pending.append((grad_out, v, out))
+            dtoken = q.new_zeros((0,))
+        return None, None, None, dv, None, dtoken, None, None, None

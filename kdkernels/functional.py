@@ -604,6 +604,7 @@ import math as _math  # noqa: E402
 from ._meta import ATTN_NAMES as _ATTN, SHARED_NAMES as _SHARED  # noqa: E402
 from ._meta import check_attention as _check_attention, check_attention_similarity as _check_similarity  # noqa: E402
 from .autograd import Attention, SharedAttention, SharedAttentionProbs  # noqa: E402
+from .autograd import SharedAttentionGroupGate, SharedAttentionMember, _GroupState  # noqa: E402
 
 # shared_attention(mode='auto') materialises the anchor's probabilities when they take at most this many bytes
 # (B * H * Tq * Tk elements of q's dtype); above it, it recomputes them from the saved log-sum-exp.
@@ -721,6 +722,34 @@ def shared_attention(q_anchor: torch.Tensor, k_anchor: torch.Tensor, lse_anchor:
         return SharedAttention.apply(q_anchor, k_anchor, lse_anchor, v, m, bool(causal), scale)
     P = SharedAttentionProbs.apply(q_anchor, k_anchor, lse_anchor, m, bool(causal), scale)
     return _apply_probs(P, v)
+
+
+class SharedAttentionGroup:
+    """An anchor's attention shared by several layers in recompute mode, with the anchor's dQ, dK formed once.
+
+        group = kdkernels.SharedAttentionGroup(q_a, k_a, lse_a, causal=True)   # after the anchor's attention
+        out_l = group(v_l)                                                    # in each sharing layer
+
+    Each call returns what shared_attention(q_a, k_a, lse_a, v_l, mode='recompute', ...) returns, with the same
+    gradients. The backward computes each layer's dV as it reaches that layer, and dQ, dK of the anchor once
+    for the whole group when it reaches the anchor: one shared_attention_group_bwd with the layers' dO and V
+    side by side (dP = sum_l dO_l V_l^T), instead of one softmax backward per layer. On CUDA's SIMT path (float32,
+    float64, head dims the tensor-core kernels do not take) that op sums per-layer backwards.
+    Build one group per forward pass (it holds that pass's activations).
+    """
+
+    def __init__(self, q_anchor: torch.Tensor, k_anchor: torch.Tensor, lse_anchor: torch.Tensor, *,
+                 causal: bool = False, scale: Optional[float] = None, mask: Optional[torch.Tensor] = None):
+        _, scale, m = _shared_checks(q_anchor, k_anchor, lse_anchor, None, scale, mask)
+        self._q, self._k, self._lse = q_anchor.detach(), k_anchor.detach(), lse_anchor
+        self._mask, self._causal, self._scale, self._raw_mask = m, bool(causal), scale, mask
+        self._state = _GroupState(self._q, self._k, lse_anchor, m, self._causal, scale)
+        self._token = SharedAttentionGroupGate.apply(q_anchor, k_anchor, self._state)
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        _shared_checks(self._q, self._k, self._lse, v, self._scale, self._raw_mask)
+        return SharedAttentionMember.apply(self._q, self._k, self._lse, v, self._mask, self._token, self._causal,
+                                           self._scale, self._state)
 
 
 def _stack_layers(name: str, xs) -> torch.Tensor:

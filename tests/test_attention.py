@@ -619,3 +619,35 @@ def test_tensor_core_backward_deterministic(device, dtype, D):
     ro, _ = attention_ref(qr, kr, vr, causal=True, mask=mask.cpu())
     ref = torch.autograd.grad((ro * g.double().cpu()).sum(), (qr, kr, vr))
     assert_grads_close(runs[0], ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dt)
+@pytest.mark.parametrize("D,Dv", [(64, 128), (128, 96), (40, 40), (72, 24), (120, 128)])
+def test_tensor_core_padded_head_dims(device, dtype, D, Dv):
+    """D != Dv and head sizes other than 64 / 96 / 128 (up to 128) run on the tensor-core kernels after
+    zero-padding to the next supported size: forward, LSE and every gradient against float64."""
+    emulated = getattr(device, "emulated", False)
+    if device == "cpu" and not emulated:
+        pytest.skip("the tensor-core path is a CUDA code path")
+    Tq, Tk = (70, 75) if emulated else (333, 517)
+    q, k, v = make_qkv(B=1, H=4, Hk=2, Tq=Tq, Tk=Tk, D=D, Dv=Dv, dtype=dtype, device=device, layout="transposed")
+    mask = random_mask(1, 4, Tq, Tk, device, empty_rows=((0, 1, 3),))
+    if emulated:
+        from kdkernels import _emu
+        _emu.reset_launch_counts()
+    out, lse = kdkernels.attention(q, k, v, causal=True, mask=mask)
+    g = _randn(*out.shape).to(dtype).to(device)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    qr, kr, vr = up(q, k, v)
+    ro, rl = attention_ref(qr, kr, vr, causal=True, mask=mask.cpu())
+    assert out.shape == (1, 4, Tq, Dv)
+    assert_close(out, ro, dtype)
+    finite = torch.isfinite(rl)
+    torch.testing.assert_close(lse.double().cpu()[finite], rl.detach()[finite], rtol=2e-5, atol=2e-5)
+    ref = torch.autograd.grad((ro * g.double().cpu()).sum(), (qr, kr, vr))
+    assert_grads_close(grads, ref, dtype)
+    if emulated:
+        names = _emu.launch_counts()
+        assert any("attention_fwd_mma_kernel" in n for n in names), names
+        assert any("attention_bwd_mma_kernel" in n for n in names), names
+        assert not any(re.search(r"\battention_(fwd|bwd)_kernel<", n) for n in names), names  # no SIMT

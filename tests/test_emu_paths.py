@@ -7,7 +7,7 @@ import torch
 import kdkernels
 from kdkernels import _ops
 from kdkernels.reference import sinkhorn_ref, topk_kl_div_ref
-from utils import make_student, make_teacher, ref_loss_and_grad
+from utils import GRAD_TOL, make_student, make_teacher, ref_loss_and_grad
 
 pytestmark = pytest.mark.emu
 F64 = torch.float64
@@ -64,3 +64,34 @@ def test_topk_workspace_epilogue():
                                 reduction="none")
     torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(g.double(), rg, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("limit", [None, 60 * 1024], ids=["smem_rows", "global_rows"])
+def test_token_relation_gradient_rows(small_device, dtype, limit):
+    """The backward sums a block's gradient rows in shared memory, or, when they do not fit beside the fixed
+    carve-up (~58 KB), in the global buffer: both match the float64 reference (relation with the teacher's
+    gradient: two accumulators; contrastive: one per side)."""
+    from kdkernels.reference import token_contrastive_loss_ref, token_relation_loss_ref
+    emu = small_device(limit or 0)
+    if limit is None:
+        emu.set_device(arch=80)
+    g = torch.Generator().manual_seed(3)
+    B, T, Ds, Dt = 2, 70, 48, 40  # 70 tokens: two row blocks; 48 / 40 features: vector and odd chunks
+    s = torch.randn(B, T, Ds, generator=g, dtype=F64)
+    t = torch.randn(B, T, Dt, generator=g, dtype=F64)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    sx, tx = s.to(dtype).requires_grad_(True), t.to(dtype).requires_grad_(True)
+    with _ops.emulated():
+        rel = kdkernels.token_relation_loss(sx, tx, num_heads=2, mask=mask, teacher_grad=True)
+        con = kdkernels.token_contrastive_loss(sx, tx[..., :Ds // 2].repeat(1, 1, 2), mask=mask, teacher_grad=True)
+        grads = torch.autograd.grad(rel + con, (sx, tx))
+    assert launched(emu, "relation_bwd_kernel") == 1 and launched(emu, "contrastive_bwd_kernel") == 2
+    sr, tr = (x.detach().to(dtype).double().requires_grad_(True) for x in (s, t))
+    ref = token_relation_loss_ref(sr, tr, num_heads=2, mask=mask, teacher_grad=True) + \
+        token_contrastive_loss_ref(sr, tr[..., :Ds // 2].repeat(1, 1, 2), mask=mask, teacher_grad=True)
+    rgrads = torch.autograd.grad(ref, (sr, tr))
+    torch.testing.assert_close(rel.double() + con.double(), ref, rtol=1e-4, atol=1e-5)
+    tol = GRAD_TOL[dtype]  # atol relative to max |expected|
+    for a, e in zip(grads, rgrads):
+        torch.testing.assert_close(a.double(), e, rtol=tol["rtol"], atol=tol["atol"] * float(e.abs().max()))

@@ -160,11 +160,13 @@ def test_check_flags_spills_over_budget():
     ks = [K(90, "topk_kl_fwd_kernel<float, float, int>", spill=48),
           K(90, "sinkhorn_fwd_kernel<float, float, true, true>", spill=96),
           K(90, "sinkhorn_bwd_kernel<float, float, true, true>", spill=200)]
-    problems = kr.check(ks, spill_default=0, spill_overrides=[(r"^sinkhorn_", 160)], tc_expected=[])
+    problems = kr.check(ks, spill_default=0, spill_overrides=[(r"^sinkhorn_", 160)], tc_expected=[],
+                        cp_expected=[])
     assert len(problems) == 2
     assert "topk_kl_fwd_kernel" in problems[0] and "48 B" in problems[0] and "budget 0 B" in problems[0]
     assert "sinkhorn_bwd_kernel" in problems[1] and "budget 160 B" in problems[1]
-    assert kr.check(ks[1:2], spill_default=0, spill_overrides=[(r"^sinkhorn_", 160)], tc_expected=[]) == []
+    assert kr.check(ks[1:2], spill_default=0, spill_overrides=[(r"^sinkhorn_", 160)], tc_expected=[],
+                    cp_expected=[]) == []
 
 
 def test_check_flags_missing_tensor_cores():
@@ -172,19 +174,28 @@ def test_check_flags_missing_tensor_cores():
           K(90, "trk::relation_bwd_kernel<__nv_bfloat16, float, 0, true>"),  # lost its HMMAs
           K(90, "trk::relation_fwd_kernel<float, float, 0>"),  # FMA path: not expected to use tensor cores
           K(75, "trk::relation_fwd_kernel<__half, float, 0>")]  # below sm_80: WMMA path not compiled
-    problems = kr.check(ks, spill_default=0, spill_overrides=[], tc_expected=TC)
+    problems = kr.check(ks, spill_default=0, spill_overrides=[], tc_expected=TC, cp_expected=[])
     assert len(problems) == 1
     assert "sm_90 trk::relation_bwd_kernel<__nv_bfloat16" in problems[0] and "no HMMA" in problems[0]
     # An expectation that matches nothing (a renamed kernel) is reported rather than silently passing.
-    problems = kr.check(ks[2:], spill_default=0, spill_overrides=[], tc_expected=TC)
+    problems = kr.check(ks[2:], spill_default=0, spill_overrides=[], tc_expected=TC, cp_expected=[])
     assert len(problems) == 1 and "matches no kernel" in problems[0]
+
+
+def test_check_flags_missing_cp_async():
+    ks = [kr.Kernel(90, "_Za", name="trk::relation_fwd_kernel<__half, float, 0>", res={"REG": 32},
+                    ops={"HMMA": 8, "LDGSTS": 4}, local_bytes={"STL": 0, "LDL": 0}),
+          K(90, "trk::relation_bwd_kernel<__half, float, 0, true>", mma=8)]  # lost its cp.async
+    cp = [(r"^trk::\w+_kernel<__half,", "cp.async staging")]
+    problems = kr.check(ks, spill_default=0, spill_overrides=[], tc_expected=[], cp_expected=cp)
+    assert len(problems) == 1 and "relation_bwd_kernel" in problems[0] and "no LDGSTS" in problems[0]
 
 
 def test_check_flags_missing_arch():
     ks = [K(90, "topk_kl_fwd_kernel<float, float, int>")]
-    assert kr.check(ks, archs=[90], spill_default=0, spill_overrides=[], tc_expected=[]) == []
+    assert kr.check(ks, archs=[90], spill_default=0, spill_overrides=[], tc_expected=[], cp_expected=[]) == []
     problems = kr.check(ks, archs=kr.parse_archs("8.0;9.0+PTX"), spill_default=0, spill_overrides=[],
-                        tc_expected=[])
+                        tc_expected=[], cp_expected=[])
     assert problems == ["sm_80: no cubin in the extension, though the build was asked for it"]
 
 
@@ -194,18 +205,22 @@ def test_parse_archs():
     assert kr.parse_archs("") == []
 
 
-def test_shipped_expectations_match_the_wmma_instantiations():
-    # The script's own regexes: every 16-bit token-relation kernel is expected to use tensor cores, the
-    # float32 / float64 FMA instantiations and other families are not.
-    def expected(name):
-        return [reason for rx, reason in kr.TENSOR_CORE_EXPECTED if re.search(rx, name)]
+def test_shipped_expectations_match_the_tensor_core_instantiations():
+    # The script's own regexes: every 16-bit and float32 token-relation kernel and every *_mma_kernel is
+    # expected to use tensor cores and cp.async; float64 and the SIMT attention kernels are not.
+    def expected(name, table=kr.TENSOR_CORE_EXPECTED):
+        return [reason for rx, reason in table if re.search(rx, name)]
 
-    for name in ("trk::relation_fwd_kernel<__half, float, 1>", "trk::contrastive_fwd_kernel<__nv_bfloat16, float>"):
-        assert len(expected(name)) == 1
+    for name in ("trk::relation_fwd_kernel<__half, float, 1>", "trk::contrastive_fwd_kernel<__nv_bfloat16, float>",
+                 "trk::relation_fwd_kernel<float, float, 0>"):
+        assert len(expected(name)) == 1 and len(expected(name, kr.CP_ASYNC_EXPECTED)) == 1
     for name in ("trk::relation_bwd_kernel<__half, float, 0, true>",
-                 "trk::contrastive_bwd_kernel<__nv_bfloat16, float, false>"):
+                 "trk::contrastive_bwd_kernel<__nv_bfloat16, float, false>",
+                 "trk::contrastive_bwd_kernel<float, float, true>"):
         assert len(expected(name)) == 2  # similarity tiles and TF32 gradient products
-    for name in ("trk::relation_fwd_kernel<float, float, 0>", "trk::contrastive_bwd_kernel<double, double, true>",
+    for name in ("attention_bwd_mma_kernel<c10::Half, false, 64, true, true>",):
+        assert len(expected(name)) == 1 and len(expected(name, kr.CP_ASYNC_EXPECTED)) == 1
+    for name in ("trk::contrastive_bwd_kernel<double, double, true>",
                  "attention_fwd_kernel<c10::Half, float, 64, false>",
                  "sinkhorn_fwd_kernel<c10::BFloat16, float, true, true>"):
-        assert expected(name) == []
+        assert expected(name) == [] and expected(name, kr.CP_ASYNC_EXPECTED) == []

@@ -26,21 +26,28 @@ SPILL_BUDGET_OVERRIDES = [
     (r"^sinkhorn_bwd_kernel<", 144),         # <double, double, false, false> on sm_90
     (r"^attention_similarity_kernel<", 160),  # sm_90 only (27 CALLs); 0 on sm_80
     (r"^attention_probs_fwd_kernel<", 24),   # <float, float> on sm_80
-    (r"^trk::\w+_kernel<double,", 40),       # float64 FMA tiles; the 16-bit WMMA kernels stay at 0
+    (r"^trk::\w+_kernel<double,", 40),       # float64 FMA tiles; the tensor-core kernels stay at 0
 ]
 
 # Kernels that must contain tensor-core MMAs (HMMA / HGMMA) on sm_80 and newer: (regex, reason). The
 # WMMA paths are compiled only for __CUDA_ARCH__ >= 800, so older arches are not checked.
 TENSOR_CORE_MIN_ARCH = 80
 TENSOR_CORE_EXPECTED = [
-    (r"^trk::(relation|contrastive)_(fwd|bwd)_kernel<(__half|__nv_bfloat16),",
-     "token_relation.cuh: 16-bit similarity tiles use WMMA m16n16k16 (sim_tile_wmma)"),
-    (r"^trk::(relation|contrastive)_bwd_kernel<(__half|__nv_bfloat16),",
-     "token_relation.cuh: 16-bit gradient products G @ F use WMMA TF32 m16n16k8 (accum_tile_tf32)"),
+    (r"^trk::(relation|contrastive)_(fwd|bwd)_kernel<(__half|__nv_bfloat16|float),",
+     "token_relation.cuh: similarity tiles on mma.sync (m16n8k16 bf16/fp16, 3xTF32 m16n8k8 float32)"),
+    (r"^trk::(relation|contrastive)_bwd_kernel<(__half|__nv_bfloat16|float),",
+     "token_relation.cuh: gradient products G @ F on mma.sync m16n8k8 TF32 (accum_tile_mma)"),
     (r"^attention_(fwd|bwd|bwd_dq)_mma_kernel<",
      "attention_mma.cuh: every product of the FlashAttention-2-style forward and backward on mma.sync m16n8k16"),
     (r"^tile_mma(_tf32)?_check_kernel",
      "tile_check.cuh: the mma.sync primitives of common/tile_mma.cuh (m16n8k16 bf16/fp16, m16n8k8 tf32)"),
+]
+
+# Kernels that must stage their operand tiles with cp.async (LDGSTS) on sm_80 and newer: (regex, reason).
+CP_ASYNC_EXPECTED = [
+    (r"^trk::(relation|contrastive)_(fwd|bwd)_kernel<(__half|__nv_bfloat16|float),",
+     "token_relation.cuh: double-buffered operand chunks (stage_pair, accum_tile_mma)"),
+    (r"^attention_(fwd|bwd|bwd_dq)_mma_kernel<", "attention_mma.cuh: K/V (forward), Q/dO (backward) tiles"),
 ]
 
 # Family of a kernel, by its short name (first match wins); rows are grouped by it.
@@ -227,11 +234,12 @@ def scan(cuobjdump, so_path):
 
 # --- budgets ----------------------------------------------------------------------------------------
 
-def check(kernels, archs=(), spill_default=None, spill_overrides=None, tc_expected=None):
+def check(kernels, archs=(), spill_default=None, spill_overrides=None, tc_expected=None, cp_expected=None):
     """Returns a list of human-readable problems (empty when everything is within budget)."""
     overrides = SPILL_BUDGET_OVERRIDES if spill_overrides is None else spill_overrides
     default = SPILL_BUDGET_DEFAULT if spill_default is None else spill_default
     expected = TENSOR_CORE_EXPECTED if tc_expected is None else tc_expected
+    cp_expected = CP_ASYNC_EXPECTED if cp_expected is None else cp_expected
     problems = []
     present = {k.arch for k in kernels}
     for arch in archs:
@@ -248,6 +256,12 @@ def check(kernels, archs=(), spill_default=None, spill_overrides=None, tc_expect
             problems.append(f"tensor-core expectation /{rx}/ matches no kernel (renamed?): {reason}")
         problems += [f"sm_{k.arch} {k.name}: no HMMA/HGMMA in its SASS, expected ({reason})"
                      for k in hits if k.tensor_ops == 0]
+    for rx, reason in cp_expected:
+        hits = [k for k in kernels if k.arch >= TENSOR_CORE_MIN_ARCH and re.search(rx, k.name)]
+        if not hits and any(a >= TENSOR_CORE_MIN_ARCH for a in present):
+            problems.append(f"cp.async expectation /{rx}/ matches no kernel (renamed?): {reason}")
+        problems += [f"sm_{k.arch} {k.name}: no LDGSTS in its SASS, expected ({reason})"
+                     for k in hits if not k.ops.get("LDGSTS")]
     return problems
 
 

@@ -98,6 +98,24 @@ void attention_check_grad(const AttnNames& n, const AttnArgs& a, const at::Tenso
             shape_str({a.B, a.H, a.Tq, a.Dv}), ": got ", shape_str(out.sizes()));
 }
 
+AttnArgs shared_group_parse(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& lse, const at::Tensor& v, const at::Tensor& out,
+                            const c10::optional<at::Tensor>& mask, bool causal, double scale) {
+  const char* op = "shared_attention_group_bwd";
+  KDK_CHECK(op, v.dim() == 5 && v.size(0) >= 1, "v must be the sharing layers' values stacked (L, B, Hk, Tk, Dv) "
+            "with L >= 1: got shape ", shape_str(v.sizes()));
+  const at::Tensor v0 = v[0];
+  const AttnArgs a = attention_parse(kSharedNames, q, k, &v0, &lse, mask, causal, scale);
+  const int64_t L = v.size(0);
+  for (const at::Tensor* t : {&grad_out, &out}) {
+    const char* name = t == &out ? "out" : "grad_out";
+    check_like(op, *t, name, q, kSharedNames.q);
+    KDK_CHECK(op, t->sizes().equals({L, a.B, a.H, a.Tq, a.Dv}), name, " must have shape (L, B, H, Tq, Dv) = ",
+              shape_str({L, a.B, a.H, a.Tq, a.Dv}), ": got ", shape_str(t->sizes()));
+  }
+  return a;
+}
+
 void attention_check_probs(const AttnArgs& a, const at::Tensor& grad_probs, const at::Tensor& probs,
                            const at::Tensor& q) {
   const char* op = kSharedNames.op;

@@ -38,6 +38,12 @@ AttnArgs attention_parse(const AttnNames& n, const at::Tensor& q, const at::Tens
 void attention_check_grad(const AttnNames& n, const AttnArgs& a, const at::Tensor& grad_out, const at::Tensor& out,
                           const at::Tensor& q);
 
+// shared_attention_group_bwd: v (L, B, Hk, Tk, Dv), grad_out and out (L, B, H, Tq, Dv), L >= 1, in the dtype of
+// q; the args of the anchor with one layer's v.
+AttnArgs shared_group_parse(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& lse, const at::Tensor& v, const at::Tensor& out,
+                            const c10::optional<at::Tensor>& mask, bool causal, double scale);
+
 // shared_attention_probs_bwd: grad_probs and probs (B, H, Tq, Tk) in the dtype of q.
 void attention_check_probs(const AttnArgs& a, const at::Tensor& grad_probs, const at::Tensor& probs,
                            const at::Tensor& q);

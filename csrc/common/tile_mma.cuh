@@ -71,6 +71,19 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
 #endif
 }
 
+// x = hi + lo with both TF32 (lo is hi's rounding remainder, itself rounded): the operands of a 3xTF32
+// product, hi hi + hi lo + lo hi, which keeps a float32 product to about 2^-21 relative.
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  hi = to_tf32(x);
+  float h;
+#ifdef KDK_EMU
+  std::memcpy(&h, &hi, 4);
+#else
+  h = __uint_as_float(hi);
+#endif
+  lo = to_tf32(x - h);
+}
+
 #ifdef KDK_EMU
 namespace model {
 inline int lane() { return int(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) & 31; }

@@ -219,6 +219,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_attention_bwd_cpu(KDK_SHAR
   return backward_impl(a, grad_out, q, k, v, out, lse, mask, grad_qk);
 }
 
+// The layers side by side along the value dimension: one backward with V = [V_1 .. V_L] and dO = [dO_1 .. dO_L]
+// has dP = sum_l dO_l V_l^T and delta = sum_l rowsum(dO_l O_l), hence the group's dS, dQ and dK (its dV is
+// dropped).
+std::tuple<at::Tensor, at::Tensor> shared_attention_group_bwd_cpu(KDK_SHARED_ATTENTION_GROUP_BWD_ARGS) {
+  const at::NoGradGuard no_grad;  // internal ATen calls never record a graph (raw-op callers)
+  AttnArgs a = shared_group_parse(grad_out, q, k, lse, v, out, mask, causal, scale);
+  const int64_t L = v.size(0);
+  auto side_by_side = [L](const at::Tensor& t) {  // (L, B, h, T, Dv) -> (B, h, T, L * Dv)
+    return t.permute({1, 2, 3, 0, 4}).reshape({t.size(1), t.size(2), t.size(3), L * t.size(4)});
+  };
+  a.Dv *= L;
+  auto grads = backward_impl(a, side_by_side(grad_out), q, k, side_by_side(v), side_by_side(out), lse, mask, true);
+  return {std::get<0>(grads), std::get<1>(grads)};
+}
+
 at::Tensor shared_attention_probs_fwd_cpu(KDK_SHARED_ATTENTION_PROBS_FWD_ARGS) {
   const at::NoGradGuard no_grad;  // internal ATen calls never record a graph (raw-op callers)
   const AttnArgs a = attention_parse(kSharedNames, q, k, nullptr, &lse, mask, causal, scale);
@@ -376,6 +391,7 @@ TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("attention_bwd", &attention_bwd_cpu);
   m.impl("shared_attention_fwd", &shared_attention_fwd_cpu);
   m.impl("shared_attention_bwd", &shared_attention_bwd_cpu);
+  m.impl("shared_attention_group_bwd", &shared_attention_group_bwd_cpu);
   m.impl("shared_attention_probs_fwd", &shared_attention_probs_fwd_cpu);
   m.impl("shared_attention_probs_bwd", &shared_attention_probs_bwd_cpu);
   m.impl("attention_similarity", &attention_similarity_cpu);

@@ -47,6 +47,7 @@ AttnParams<scalar_t, acc_t> make_params(const AttnArgs& a, const at::Tensor& q, 
   }
   p.B = a.B; p.H = a.H; p.Hk = a.Hk; p.Tq = a.Tq; p.Tk = a.Tk; p.group = a.group; p.off = a.off;
   p.D = static_cast<int>(a.D); p.Dv = static_cast<int>(a.Dv); p.causal = a.causal; p.grad_qk = 1;
+  p.layers = 1;
   p.scale = static_cast<acc_t>(a.scale);
   return p;
 }
@@ -124,18 +125,149 @@ bool try_mma_bwd(const AttnNames& n, const AttnArgs& a, const at::Tensor& q, con
       if (a.D == 64) run_dq(attention_bwd_dq_mma_kernel<scalar_t, bf, 64>);
       else if (a.D == 96) run_dq(attention_bwd_dq_mma_kernel<scalar_t, bf, 96>);
       else run_dq(attention_bwd_dq_mma_kernel<scalar_t, bf, 128>);
-      if (a.D == 64) run(attention_bwd_mma_kernel<scalar_t, bf, 64, false>);
-      else if (a.D == 96) run(attention_bwd_mma_kernel<scalar_t, bf, 96, false>);
-      else run(attention_bwd_mma_kernel<scalar_t, bf, 128, false>);
+      if (a.D == 64) run(attention_bwd_mma_kernel<scalar_t, bf, 64, false, false>);
+      else if (a.D == 96) run(attention_bwd_mma_kernel<scalar_t, bf, 96, false, false>);
+      else run(attention_bwd_mma_kernel<scalar_t, bf, 128, false, false>);
     } else {
-      if (a.D == 64) run(attention_bwd_mma_kernel<scalar_t, bf, 64, true>);
-      else if (a.D == 96) run(attention_bwd_mma_kernel<scalar_t, bf, 96, true>);
-      else run(attention_bwd_mma_kernel<scalar_t, bf, 128, true>);
+      if (a.D == 64) run(attention_bwd_mma_kernel<scalar_t, bf, 64, true, false>);
+      else if (a.D == 96) run(attention_bwd_mma_kernel<scalar_t, bf, 96, true, false>);
+      else run(attention_bwd_mma_kernel<scalar_t, bf, 128, true, false>);
     }
     return true;
   } else {
     return false;
   }
+}
+
+// The group backward on tensor cores (kernels/attention_mma.cuh, p.layers): as many layers per launch as the
+// shared memory allows (their value tiles stay resident), dK and dQ summed in float buffers across launches.
+// False when the tensor-core kernels do not apply (the caller then sums per-layer backwards).
+template <class scalar_t, class acc_t>
+bool try_mma_group(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& go, const at::Tensor& delta_layers, AttnParams<scalar_t, acc_t> p) {
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    const int64_t L = v.size(0);
+    if (!use_mma_fwd<scalar_t>(a, q, k, v[0]) || reinterpret_cast<uintptr_t>(go.data_ptr()) % 16 != 0 ||
+        v.stride(0) % 8 != 0)
+      return false;
+    const bool det = at::globalContext().deterministicAlgorithms();
+    const size_t limit = max_dynamic_smem_optin();
+    int per = 0;  // layers per launch
+    while (per < L && attention_mma_bwd_smem(p.D, per + 1) <= limit &&
+           (!det || attention_mma_dq_smem(p.D, per + 1) <= limit))
+      ++per;
+    if (per == 0) return false;
+    constexpr bool bf = std::is_same_v<scalar_t, at::BFloat16>;
+    const dim3 grid(static_cast<unsigned>((a.Tk + 63) / 64), static_cast<unsigned>(a.B * a.Hk));
+    const dim3 dq_grid(static_cast<unsigned>((a.Tq + 63) / 64), static_cast<unsigned>(a.B * a.H));
+    const scalar_t* v0 = p.v;
+    const scalar_t* go0 = p.dout;
+    for (int64_t l0 = 0; l0 < L; l0 += per) {
+      p.layers = static_cast<int>(std::min<int64_t>(per, L - l0));
+      // dS = P (dP - delta) is linear in the layers' (dP_l, delta_l): each launch takes its layers' share
+      const at::Tensor delta = delta_layers.narrow(0, l0, p.layers).sum(at::IntArrayRef{0}).contiguous();
+      p.delta = delta.data_ptr<acc_t>();
+      p.v = v0 + l0 * p.v_sl;
+      p.dout = go0 + l0 * p.do_sl;
+      const size_t smem = attention_mma_bwd_smem(p.D, p.layers), dq_smem = attention_mma_dq_smem(p.D, p.layers);
+      auto run = [&](auto kernel, dim3 g, size_t bytes) {
+        allow_smem(kernel, bytes, kSharedNames.op);
+        launch(kernel, g, kAttnMmaThreads, bytes, p);
+      };
+      if (det) {  // dQ summed in a fixed order by its own kernel, dK by the key-block kernel without atomics
+        if (a.D == 64) run(attention_bwd_dq_mma_kernel<scalar_t, bf, 64>, dq_grid, dq_smem);
+        else if (a.D == 96) run(attention_bwd_dq_mma_kernel<scalar_t, bf, 96>, dq_grid, dq_smem);
+        else run(attention_bwd_dq_mma_kernel<scalar_t, bf, 128>, dq_grid, dq_smem);
+        if (a.D == 64) run(attention_bwd_mma_kernel<scalar_t, bf, 64, false, true>, grid, smem);
+        else if (a.D == 96) run(attention_bwd_mma_kernel<scalar_t, bf, 96, false, true>, grid, smem);
+        else run(attention_bwd_mma_kernel<scalar_t, bf, 128, false, true>, grid, smem);
+      } else {
+        if (a.D == 64) run(attention_bwd_mma_kernel<scalar_t, bf, 64, true, true>, grid, smem);
+        else if (a.D == 96) run(attention_bwd_mma_kernel<scalar_t, bf, 96, true, true>, grid, smem);
+        else run(attention_bwd_mma_kernel<scalar_t, bf, 128, true, true>, grid, smem);
+      }
+    }
+    return true;
+  } else {
+    return false;
+  }
+}
+
+// The head size the tensor-core kernels run a call at: the smallest of 64, 96, 128 holding max(D, Dv); 0 above.
+inline int64_t mma_head(const AttnArgs& a) {
+  const int64_t d = std::max(a.D, a.Dv);
+  return d <= 64 ? 64 : d <= 96 ? 96 : d <= 128 ? 128 : 0;
+}
+
+// A copy of t (..., d) zero-padded to (..., P), contiguous.
+at::Tensor pad_head(const at::Tensor& t, int64_t P) {
+  return t.size(-1) == P ? t.contiguous() : at::constant_pad_nd(t, {0, P - t.size(-1)}).contiguous();
+}
+
+// float16 / bfloat16 calls the tensor-core kernels do not take as they are (D != Dv, a head size other than
+// 64 / 96 / 128, rows not 16-byte aligned) but whose D, Dv <= 128: q, k, v (and dO) are copied zero-padded to
+// P = mma_head(a) and the kernels run at D = Dv = P. Zero columns add nothing to a score q k^T and leave the
+// output's first Dv columns as they are; the padded columns of O, dQ, dK, dV are dropped. The copies cost a
+// pass over the inputs, far less than the SIMT kernels would take.
+template <class scalar_t> bool use_mma_padded(const AttnArgs& a) {
+  if constexpr (!std::is_same_v<scalar_t, at::Half> && !std::is_same_v<scalar_t, at::BFloat16>) {
+    return false;
+  } else {
+    if (mma_head(a) == 0) return false;
+#ifdef KDK_EMU
+    return true;
+#else
+    return at::cuda::getCurrentDeviceProperties()->major >= 8;
+#endif
+  }
+}
+
+template <class scalar_t, class acc_t>
+bool try_mma_fwd_padded(const AttnNames& n, const AttnArgs& a, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& m, const at::Tensor& out,
+                        const AttnParams<scalar_t, acc_t>& p0, bool shared) {
+  if (!use_mma_padded<scalar_t>(a)) return false;
+  AttnArgs ap = a;
+  ap.D = ap.Dv = mma_head(a);
+  const at::Tensor qp = pad_head(q, ap.D), kp = pad_head(k, ap.D), vp = pad_head(v, ap.D);
+  at::Tensor op = at::empty({a.B, a.H, a.Tq, ap.D}, q.options());
+  AttnParams<scalar_t, acc_t> p = make_params<scalar_t, acc_t>(ap, qp, kp, vp, m);
+  p.o = op.data_ptr<scalar_t>();
+  p.lse_in = p0.lse_in;
+  p.lse_out = p0.lse_out;
+  if (!try_mma_fwd<scalar_t>(n, ap, qp, kp, vp, p, shared)) return false;
+  out.copy_(op.narrow(-1, 0, a.Dv));
+  return true;
+}
+
+template <class scalar_t, class acc_t>
+bool try_mma_bwd_padded(const AttnNames& n, const AttnArgs& a, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& go, const at::Tensor& m,
+                        const AttnParams<scalar_t, acc_t>& p0, const at::Tensor& dq_acc, const at::Tensor& dk,
+                        const at::Tensor& dv) {
+  if (!use_mma_padded<scalar_t>(a)) return false;
+  AttnArgs ap = a;
+  ap.D = ap.Dv = mma_head(a);
+  const at::Tensor qp = pad_head(q, ap.D), kp = pad_head(k, ap.D), vp = pad_head(v, ap.D), gp = pad_head(go, ap.D);
+  const bool grad_qk = p0.grad_qk;
+  at::Tensor dqp = grad_qk ? at::zeros({a.B, a.H, a.Tq, ap.D}, dq_acc.options()) : at::Tensor();
+  at::Tensor dkp = grad_qk ? at::empty({a.B, a.Hk, a.Tk, ap.D}, q.options()) : at::Tensor();
+  at::Tensor dvp = at::empty({a.B, a.Hk, a.Tk, ap.D}, q.options());
+  AttnParams<scalar_t, acc_t> p = make_params<scalar_t, acc_t>(ap, qp, kp, vp, m);
+  p.dout = gp.data_ptr<scalar_t>();
+  p.lse_in = p0.lse_in;
+  p.delta = p0.delta;  // rowsum(dO * O) is the same with the zero columns
+  p.grad_qk = grad_qk;
+  p.dq = grad_qk ? dqp.data_ptr<acc_t>() : nullptr;
+  p.dk = grad_qk ? dkp.data_ptr<scalar_t>() : nullptr;
+  p.dv = dvp.data_ptr<scalar_t>();
+  if (!try_mma_bwd<scalar_t>(n, ap, qp, kp, vp, gp, p)) return false;
+  if (grad_qk) {
+    dq_acc.copy_(dqp.narrow(-1, 0, a.D));
+    dk.copy_(dkp.narrow(-1, 0, a.D));
+  }
+  dv.copy_(dvp.narrow(-1, 0, a.Dv));
+  return true;
 }
 
 at::Tensor opt_mask(const c10::optional<at::Tensor>& mask) { return mask.has_value() ? *mask : at::Tensor(); }
@@ -158,6 +290,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const AttnNames& n, const AttnAr
     if (shared) p.lse_in = lse.data_ptr<acc_t>();
     else p.lse_out = lse.data_ptr<acc_t>();
     if (try_mma_fwd<scalar_t>(n, a, q, k, v, p, shared)) return;
+    if (try_mma_fwd_padded<scalar_t>(n, a, q, k, v, m, out, p, shared)) return;
     const size_t smem = attention_smem_fwd<acc_t>(p.D, p.Dv);
     const dim3 grid(static_cast<unsigned>((a.Tq + AttnFwdTile<acc_t>::BM - 1) / AttnFwdTile<acc_t>::BM),
                     static_cast<unsigned>(a.B * a.H));
@@ -203,6 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const AttnNames& n,
       p.dk = grad_qk ? dk.data_ptr<scalar_t>() : nullptr;
       p.dv = dv.data_ptr<scalar_t>();
       if (try_mma_bwd<scalar_t>(n, a, q, k, v, go, p)) return;
+      if (try_mma_bwd_padded<scalar_t>(n, a, q, k, v, go, m, p, dq_acc, dk, dv)) return;
       const size_t smem = attention_smem_bwd<acc_t>(p.D, p.Dv);
       const dim3 grid(static_cast<unsigned>((a.Tk + AttnBwdTile<acc_t>::BN - 1) / AttnBwdTile<acc_t>::BN),
                       static_cast<unsigned>(a.B * a.Hk));
@@ -249,6 +383,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_attention_bwd_cuda(KDK_SHA
   const AttnArgs a = attention_parse(kSharedNames, q, k, &v, &lse, mask, causal, scale);
   attention_check_grad(kSharedNames, a, grad_out, out, q);
   return backward_cuda(kSharedNames, a, grad_out, q, k, v, out, lse, mask, grad_qk);
+}
+
+std::tuple<at::Tensor, at::Tensor> shared_attention_group_bwd_cuda(KDK_SHARED_ATTENTION_GROUP_BWD_ARGS) {
+  const at::NoGradGuard no_grad;  // internal ATen calls never record a graph (raw-op callers)
+  const AttnArgs a = shared_group_parse(grad_out, q, k, lse, v, out, mask, causal, scale);
+  const DeviceGuard guard(q.device());
+  const int64_t L = v.size(0);
+  const auto acc_opts = q.options().dtype(a.acc);
+  at::Tensor dq = at::zeros({a.B, a.H, a.Tq, a.D}, acc_opts), dk = at::zeros({a.B, a.Hk, a.Tk, a.D}, acc_opts);
+  bool done = a.B * a.Hk * a.Tk == 0 || a.Tq == 0;
+  if (!done) {
+    KDK_CHECK(kSharedNames.op, a.B * a.Hk <= kMaxGridY && a.B * a.H <= kMaxGridY, "batch * heads must be <= ",
+              kMaxGridY, " on CUDA: got ", a.B * a.H);
+    const at::Tensor qc = attn_unit_last(q), kc = attn_unit_last(k), vc = attn_unit_last(v), m = opt_mask(mask);
+    const at::Tensor go = grad_out.contiguous(), lse_c = lse.contiguous();
+    // delta_l,i = rowsum(dO_l * O_l), per layer (L, B, H, Tq)
+    const at::Tensor delta = (go.to(a.acc) * out.to(a.acc)).sum(at::IntArrayRef{-1});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qc.scalar_type(), "shared_attention_group_bwd_cuda", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      AttnParams<scalar_t, acc_t> p = make_params<scalar_t, acc_t>(a, qc, kc, vc[0], m);
+      p.v = vc.data_ptr<scalar_t>();
+      p.v_sl = vc.stride(0);
+      p.dout = go.data_ptr<scalar_t>();
+      p.do_sl = go.stride(0);
+      p.lse_in = lse_c.data_ptr<acc_t>();
+      p.dq = dq.data_ptr<acc_t>();
+      p.dk_acc = dk.data_ptr<acc_t>();
+      p.dv = nullptr;
+      done = try_mma_group<scalar_t>(a, qc, kc, vc, go, delta, p);
+    });
+  }
+  if (!done) {  // the SIMT kernels: one backward per layer, dQ and dK summed (the same sum, L times the work)
+    for (int64_t l = 0; l < L; ++l) {
+      auto grads = backward_cuda(kSharedNames, a, grad_out[l], q, k, v[l], out[l], lse, mask, true);
+      dq.add_(std::get<0>(grads));
+      dk.add_(std::get<1>(grads));
+    }
+  }
+  return {dq.to(q.scalar_type()), dk.to(q.scalar_type())};
 }
 
 at::Tensor shared_attention_probs_fwd_cuda(KDK_SHARED_ATTENTION_PROBS_FWD_ARGS) {
@@ -367,6 +540,7 @@ TORCH_LIBRARY_IMPL(KDK_LIB, KDK_DEVICE_KEY, m) {
   m.impl("attention_bwd", KDK_IMPL(attention_bwd_cuda));
   m.impl("shared_attention_fwd", KDK_IMPL(shared_attention_fwd_cuda));
   m.impl("shared_attention_bwd", KDK_IMPL(shared_attention_bwd_cuda));
+  m.impl("shared_attention_group_bwd", KDK_IMPL(shared_attention_group_bwd_cuda));
   m.impl("shared_attention_probs_fwd", KDK_IMPL(shared_attention_probs_fwd_cuda));
   m.impl("shared_attention_probs_bwd", KDK_IMPL(shared_attention_probs_bwd_cuda));
   m.impl("attention_similarity", KDK_IMPL(attention_similarity_cuda));

@@ -28,16 +28,22 @@ template <class scalar_t, class acc_t> int64_t blocks_per_problem(int64_t n) {
   return (n + trk::Geo<acc_t>::BM - 1) / trk::Geo<acc_t>::BM;
 }
 
-// One block per BM tokens of each problem; opts the kernel into the dynamic shared memory it needs (> 48 KB).
+// One block per BM tokens of each problem; opts the kernel into the dynamic shared memory it needs (> 48 KB):
+// the fixed carve-up, plus `acc` bytes of gradient-row accumulators when p.acc_smem.
 template <class scalar_t, class acc_t, class Kernel, class Params>
-void run(Kernel kernel, const Params& p, int64_t problems, const char* op) {
+void run(Kernel kernel, const Params& p, int64_t problems, const char* op, size_t acc = 0) {
   const int64_t grid = problems * p.nblocks;
   KDK_CHECK(op, grid < (int64_t(1) << 31), "too many tokens for one launch: ", problems, " problems x ", p.nblocks,
             " blocks");
   if (grid == 0) return;
-  constexpr size_t smem = trk::Smem<scalar_t, acc_t>::total;
+  const size_t smem = trk::Smem<scalar_t, acc_t>::total + (p.acc_smem ? acc : 0);
   allow_dynamic_smem(kernel, smem);
   launch(kernel, static_cast<unsigned>(grid), trk::kThreads, smem, p);
+}
+
+// Whether the backward's gradient accumulators (`acc` bytes) fit in shared memory beside the fixed carve-up.
+template <class scalar_t, class acc_t> bool acc_fits(size_t acc) {
+  return trk::Smem<scalar_t, acc_t>::total + acc <= max_dynamic_smem_optin();
 }
 
 at::ScalarType acc_type(const at::Tensor& student) {
@@ -121,12 +127,15 @@ std::tuple<at::Tensor, at::Tensor> token_relation_bwd_cuda(KDK_TOKEN_RELATION_BW
     p.beta_t = static_cast<acc_t>(a.beta_t);
     p.inv_h = static_cast<acc_t>(1.0 / a.H);
     const char* op = "token_relation_loss";
+    using M = trk::Smem<kt, acc_t>;
+    const size_t acc = M::acc_bytes(p.ds) + (teacher_grad ? M::acc_bytes(p.dt) : 0);
+    p.acc_smem = acc_fits<kt, acc_t>(acc);
     if (a.loss == kRelKL) {
-      if (teacher_grad) run<kt, acc_t>(trk::relation_bwd_kernel<kt, acc_t, kRelKL, true>, p, Q, op);
-      else run<kt, acc_t>(trk::relation_bwd_kernel<kt, acc_t, kRelKL, false>, p, Q, op);
+      if (teacher_grad) run<kt, acc_t>(trk::relation_bwd_kernel<kt, acc_t, kRelKL, true>, p, Q, op, acc);
+      else run<kt, acc_t>(trk::relation_bwd_kernel<kt, acc_t, kRelKL, false>, p, Q, op, acc);
     } else {
-      if (teacher_grad) run<kt, acc_t>(trk::relation_bwd_kernel<kt, acc_t, kRelMSE, true>, p, Q, op);
-      else run<kt, acc_t>(trk::relation_bwd_kernel<kt, acc_t, kRelMSE, false>, p, Q, op);
+      if (teacher_grad) run<kt, acc_t>(trk::relation_bwd_kernel<kt, acc_t, kRelMSE, true>, p, Q, op, acc);
+      else run<kt, acc_t>(trk::relation_bwd_kernel<kt, acc_t, kRelMSE, false>, p, Q, op, acc);
     }
   });
   return {token_heads_backward(gs, student, o, a.H, a.cosine),
@@ -191,10 +200,12 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd_cuda(KDK_TOKEN_CONTRAST
     p.D = static_cast<int>(a.D);
     p.beta = static_cast<acc_t>(a.beta);
     p.grad = gs.data_ptr<acc_t>();
-    run<kt, acc_t>(trk::contrastive_bwd_kernel<kt, acc_t, false>, p, a.P, "token_contrastive_loss");
+    const size_t acc = trk::Smem<kt, acc_t>::acc_bytes(p.D);
+    p.acc_smem = acc_fits<kt, acc_t>(acc);
+    run<kt, acc_t>(trk::contrastive_bwd_kernel<kt, acc_t, false>, p, a.P, "token_contrastive_loss", acc);
     if (teacher_grad) {
       p.grad = gt.data_ptr<acc_t>();
-      run<kt, acc_t>(trk::contrastive_bwd_kernel<kt, acc_t, true>, p, a.P, "token_contrastive_loss");
+      run<kt, acc_t>(trk::contrastive_bwd_kernel<kt, acc_t, true>, p, a.P, "token_contrastive_loss", acc);
     }
   });
   return {token_heads_backward(gs, student, o, 1, a.cosine),

@@ -46,11 +46,14 @@ template <class scalar_t, class acc_t> struct AttnParams {
   acc_t* lse_out;        // attention forward: (B, H, Tq)
   acc_t* dq;             // backward: (B, H, Tq, D) contiguous, zero-initialised (atomics)
   scalar_t* dk;          // backward: (B, Hk, Tk, D) contiguous
-  scalar_t* dv;          // backward: (B, Hk, Tk, Dv) contiguous
+  scalar_t* dv;          // backward: (B, Hk, Tk, Dv) contiguous; null in a group backward (no dV)
+  acc_t* dk_acc;         // group backward: (B, Hk, Tk, D) float, dK is added here instead of written to dk
   int64_t q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st;
   int64_t m_sb, m_sh, m_sq, m_sk;
   int64_t B, H, Hk, Tq, Tk, group, off;
+  int64_t v_sl, do_sl;   // group backward: strides between the layers of v and dout (tensor-core kernels)
   int D, Dv, causal, grad_qk;
+  int layers;            // group backward: sharing layers whose dP add up (tensor-core kernels); else 1
   acc_t scale;
 };
 

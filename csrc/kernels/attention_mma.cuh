@@ -20,6 +20,19 @@ namespace kdk {
 constexpr int kAttnMmaThreads = 128;  // 4 warps x 16 query rows
 constexpr int kAttnMmaBM = 64, kAttnMmaBN = 64;
 
+// 64 rows x D 16-bit values from src (row stride st, rows row0 ..) into dst (rows of D + 8) by cp.async, every
+// thread of the block a share; rows at or past `valid` are zero-filled. The caller commits the group.
+template <int D, class scalar_t>
+__device__ __forceinline__ void attn_mma_load(uint16_t* dst, const scalar_t* src, int64_t st, int64_t row0,
+                                              int64_t valid, int tid) {
+  constexpr int CH = D / 8, LD = D + 8;
+  for (int idx = tid; idx < 64 * CH; idx += kAttnMmaThreads) {
+    const int r = idx / CH, c = idx % CH;
+    const bool ok = row0 + r < valid;
+    tile::cp_async16(dst + r * LD + c * 8, src + (ok ? row0 + r : 0) * st + c * 8, ok);
+  }
+}
+
 // Dynamic shared memory: the query tile and two stages of K and V, rows of D + 8 16-bit values.
 inline size_t attention_mma_smem(int D) { return sizeof(uint16_t) * size_t(kAttnMmaBM + 4 * kAttnMmaBN) * (D + 8); }
 
@@ -27,7 +40,7 @@ inline size_t attention_mma_smem(int D) { return sizeof(uint16_t) * size_t(kAttn
 template <class scalar_t, bool kBF16, int D, bool kFromLse>
 __global__ void __launch_bounds__(kAttnMmaThreads) attention_fwd_mma_kernel(AttnParams<scalar_t, float> p) {
 #if KDK_TENSOR_CORES
-  constexpr int BM = kAttnMmaBM, BN = kAttnMmaBN, LD = D + 8, KS = D / 16, NT = BN / 8, DT = D / 8, CH = D / 8;
+  constexpr int BM = kAttnMmaBM, BN = kAttnMmaBN, LD = D + 8, KS = D / 16, NT = BN / 8, DT = D / 8;
   KDK_DYNAMIC_SMEM(kdk_attn_mma_smem, 16);
   uint16_t* Qs = reinterpret_cast<uint16_t*>(kdk_attn_mma_smem);
   uint16_t* Ks = Qs + BM * LD;      // two stages of BN rows
@@ -44,18 +57,10 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_fwd_mma_kernel(Attn
   const int64_t kend = p.causal ? attn_clamp(r0 + rows + p.off, 0, p.Tk) : p.Tk;  // later keys: invisible
   const int ntiles = static_cast<int>((kend + BN - 1) / BN);
 
-  // 64 rows x D values from src (row stride st) into dst; rows at or past `valid` are zero-filled.
-  auto load_tile = [&](uint16_t* dst, const scalar_t* src, int64_t st, int64_t row0, int64_t valid) {
-    for (int idx = tid; idx < 64 * CH; idx += kAttnMmaThreads) {
-      const int r = idx / CH, c = idx % CH;
-      const bool ok = row0 + r < valid;
-      tile::cp_async16(dst + r * LD + c * 8, src + (ok ? row0 + r : 0) * st + c * 8, ok);
-    }
-  };
-  load_tile(Qs, qp, p.q_st, r0, p.Tq);
+  attn_mma_load<D>(Qs, qp, p.q_st, r0, p.Tq, tid);
   if (ntiles > 0) {
-    load_tile(Ks, kp, p.k_st, 0, p.Tk);
-    load_tile(Vs, vp, p.v_st, 0, p.Tk);
+    attn_mma_load<D>(Ks, kp, p.k_st, 0, p.Tk, tid);
+    attn_mma_load<D>(Vs, vp, p.v_st, 0, p.Tk, tid);
   }
   tile::cp_async_commit();
 
@@ -76,8 +81,8 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_fwd_mma_kernel(Attn
     const int stage = it & 1;
     const int64_t n0 = int64_t(it) * BN;
     if (it + 1 < ntiles) {  // the next tile streams in while this one is multiplied
-      load_tile(Ks + (stage ^ 1) * BN * LD, kp, p.k_st, n0 + BN, p.Tk);
-      load_tile(Vs + (stage ^ 1) * BN * LD, vp, p.v_st, n0 + BN, p.Tk);
+      attn_mma_load<D>(Ks + (stage ^ 1) * BN * LD, kp, p.k_st, n0 + BN, p.Tk, tid);
+      attn_mma_load<D>(Vs + (stage ^ 1) * BN * LD, vp, p.v_st, n0 + BN, p.Tk, tid);
     }
     tile::cp_async_commit();
     tile::cp_async_wait<1>();  // all but the newest group: the query tile and tile `it` have landed
@@ -185,21 +190,28 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_fwd_mma_kernel(Attn
 //   -> dK += dS^T Q; dQ += scale dS K is this block's share: dS^T goes through shared memory (16-bit, the
 //   transposed ldmatrix gives dS's A fragment back) and each warp adds 16 query rows with float atomics.
 // Q and dO tiles arrive by cp.async (one stage: the tile is consumed by four products in turn).
+//
+// A group backward (p.layers = L sharing layers of one anchor, p.dv null): dP^T = sum_l V_l dO_l^T with the
+// L value tiles resident in shared memory and dO_l streamed through one buffer, delta summed over these
+// layers, no dV; dK is added to a float buffer (p.dk_acc) so that chunks of layers can follow each other.
+// dS, and with it dQ and dK, is then formed once for the whole group.
 // ---------------------------------------------------------------------------------------------
-inline size_t attention_mma_bwd_smem(int D) {
-  return sizeof(uint16_t) * (size_t(4) * 64 * (D + 8) + size_t(64) * (64 + 8)) + 2 * 64 * sizeof(float);
+inline size_t attention_mma_bwd_smem(int D, int layers = 1) {
+  return sizeof(uint16_t) * (size_t(3 + layers) * 64 * (D + 8) + size_t(64) * (64 + 8)) + 2 * 64 * sizeof(float);
 }
 
 // kDq: also add this block's dQ share with float atomics (the fast, run-to-run nondeterministic sum); without
-// it, attention_bwd_dq_mma_kernel computes dQ deterministically.
-template <class scalar_t, bool kBF16, int D, bool kDq>
+// it, attention_bwd_dq_mma_kernel computes dQ deterministically. kGroup: the group backward (p.layers, no dV:
+// its registers go to the layer loop).
+template <class scalar_t, bool kBF16, int D, bool kDq, bool kGroup>
 __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_mma_kernel(AttnParams<scalar_t, float> p) {
 #if KDK_TENSOR_CORES
-  constexpr int BM = 64, BN = 64, LD = D + 8, LDS = BM + 8, KS = D / 16, NT = BM / 8, DT = D / 8, CH = D / 8;
+  constexpr int BM = 64, BN = 64, LD = D + 8, LDS = BM + 8, KS = D / 16, NT = BM / 8, DT = D / 8;
   KDK_DYNAMIC_SMEM(kdk_attn_mma_smem, 16);
   uint16_t* Ks = reinterpret_cast<uint16_t*>(kdk_attn_mma_smem);
-  uint16_t* Vs = Ks + BN * LD;
-  uint16_t* Qs = Vs + BN * LD;
+  const int layers = kGroup ? p.layers : 1;
+  uint16_t* Vs = Ks + BN * LD;  // `layers` tiles
+  uint16_t* Qs = Vs + layers * BN * LD;
   uint16_t* dOs = Qs + BM * LD;
   uint16_t* dSs = dOs + BM * LD;  // dS^T: [key][query]
   float* lse_s = reinterpret_cast<float*>(dSs + BN * LDS);
@@ -208,15 +220,9 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_mma_kernel(Attn
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int64_t bhk = blockIdx.y, b = bhk / p.Hk, hk = bhk % p.Hk;
   const int64_t n0 = int64_t(blockIdx.x) * BN;
-  auto load_tile = [&](uint16_t* dst, const scalar_t* src, int64_t st, int64_t row0, int64_t valid) {
-    for (int idx = tid; idx < 64 * CH; idx += kAttnMmaThreads) {
-      const int r = idx / CH, c = idx % CH;
-      const bool ok = row0 + r < valid;
-      tile::cp_async16(dst + r * LD + c * 8, src + (ok ? row0 + r : 0) * st + c * 8, ok);
-    }
-  };
-  load_tile(Ks, p.k + b * p.k_sb + hk * p.k_sh, p.k_st, n0, p.Tk);
-  load_tile(Vs, p.v + b * p.v_sb + hk * p.v_sh, p.v_st, n0, p.Tk);
+  attn_mma_load<D>(Ks, p.k + b * p.k_sb + hk * p.k_sh, p.k_st, n0, p.Tk, tid);
+  for (int l = 0; l < layers; ++l)
+    attn_mma_load<D>(Vs + l * BN * LD, p.v + l * p.v_sl + b * p.v_sb + hk * p.v_sh, p.v_st, n0, p.Tk, tid);
   tile::cp_async_commit();
 
   // A fragments of rows r0w .. r0w + 15 of a [row][col] tile, k-step kk (cols kk*16 .. +15).
@@ -270,9 +276,11 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_mma_kernel(Attn
     }
   };
 
-  float dk[DT][4], dv[DT][4];
+  float dk[DT][4], dv[kGroup ? 1 : DT][4];
   for (int j = 0; j < DT; ++j)
-    for (int i = 0; i < 4; ++i) dk[j][i] = dv[j][i] = 0.f;
+    for (int i = 0; i < 4; ++i) dk[j][i] = 0.f;
+  for (int j = 0; j < (kGroup ? 1 : DT); ++j)
+    for (int i = 0; i < 4; ++i) dv[j][i] = 0.f;
 
   int64_t qstart = p.causal ? attn_clamp(n0 - p.off, 0, p.Tq) : 0;  // first query row that sees a key here
   qstart = (qstart / BM) * BM;
@@ -284,8 +292,8 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_mma_kernel(Attn
     for (int64_t m0 = qstart; m0 < p.Tq; m0 += BM) {
       const int rows = static_cast<int>(attn_min(BM, p.Tq - m0));
       __syncthreads();  // the previous tile's readers are done
-      load_tile(Qs, qp, p.q_st, m0, p.Tq);
-      load_tile(dOs, dop, D, m0, p.Tq);
+      attn_mma_load<D>(Qs, qp, p.q_st, m0, p.Tq, tid);
+      attn_mma_load<D>(dOs, dop, D, m0, p.Tq, tid);
       tile::cp_async_commit();
       if (tid < BM) {
         lse_s[tid] = tid < rows ? static_cast<float>(p.lse_in[bh * p.Tq + m0 + tid]) : neg_inf<float>();
@@ -306,9 +314,18 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_mma_kernel(Attn
           const bool ok = qc < rows && gj < p.Tk && L != neg_inf<float>() && attn_visible(p, mp, m0 + qc, gj);
           s[j][i] = ok ? kexp(s[j][i] * p.scale - L) : 0.f;
         }
-      acc_x_b(dv, s, dOs);  // dV += P^T dO
+      if constexpr (!kGroup) acc_x_b(dv, s, dOs);  // dV += P^T dO
       if (!p.grad_qk) continue;
-      rows_x_bt(dp, Vs, dOs);  // dP^T = V dO^T
+      for (int l = 0; l < layers; ++l) {  // dP^T = V dO^T; a group: the sum over its layers of V_l dO_l^T
+        if (l > 0) {
+          __syncthreads();  // every warp is done with dO_{l-1}
+          attn_mma_load<D>(dOs, dop + l * p.do_sl, D, m0, p.Tq, tid);
+          tile::cp_async_commit();
+          tile::cp_async_wait<0>();
+          __syncthreads();
+        }
+        rows_x_bt(dp, Vs + l * BN * LD, dOs);
+      }
       for (int j = 0; j < NT; ++j)  // dS^T = P^T (dP^T - delta), also staged 16-bit for dQ
         for (int i = 0; i < 4; ++i) dp[j][i] = s[j][i] * (dp[j][i] - dl_s[8 * j + 2 * t + (i & 1)]);
       if constexpr (kDq) {
@@ -351,8 +368,12 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_mma_kernel(Attn
     for (int j = 0; j < DT; ++j)
       for (int c = 0; c < 2; ++c) {
         const int64_t at = (bhk * p.Tk + gj) * D + 8 * j + 2 * t + c;
-        p.dv[at] = scalar_t(dv[j][2 * r + c]);
-        if (p.grad_qk) p.dk[at] = scalar_t(dk[j][2 * r + c] * p.scale);
+        if constexpr (kGroup) {
+          p.dk_acc[at] += dk[j][2 * r + c] * p.scale;
+        } else {
+          p.dv[at] = scalar_t(dv[j][2 * r + c]);
+          if (p.grad_qk) p.dk[at] = scalar_t(dk[j][2 * r + c] * p.scale);
+        }
       }
   }
 #endif
@@ -363,18 +384,22 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_mma_kernel(Attn
 // warp 16 rows with dQ in registers over every key tile, in the forward orientation:
 //   S = Q K^T -> P = exp(scale S - lse) -> dP = dO V^T -> dS = P (dP - delta) -> dQ += dS K.
 // No atomics: every dQ element is summed by one thread in a fixed order. Costs a second pass over
-// S and dP (the key-block kernel, without kDq, then computes only dK and dV).
+// S and dP (the key-block kernel, without kDq, then computes only dK and dV). A group (p.layers = L): the L
+// dO tiles stay resident, V_l is streamed per key tile, dP sums over the layers; dQ is added to p.dq (zeroed
+// by the launcher) so that chunks of layers can follow each other, still in a fixed order.
 // ---------------------------------------------------------------------------------------------
-inline size_t attention_mma_dq_smem(int D) { return sizeof(uint16_t) * size_t(4) * 64 * (D + 8); }
+inline size_t attention_mma_dq_smem(int D, int layers = 1) {
+  return sizeof(uint16_t) * size_t(3 + layers) * 64 * (D + 8);
+}
 
 template <class scalar_t, bool kBF16, int D>
 __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_dq_mma_kernel(AttnParams<scalar_t, float> p) {
 #if KDK_TENSOR_CORES
-  constexpr int BM = 64, BN = 64, LD = D + 8, KS = D / 16, NT = BN / 8, DT = D / 8, CH = D / 8;
+  constexpr int BM = 64, BN = 64, LD = D + 8, KS = D / 16, NT = BN / 8, DT = D / 8;
   KDK_DYNAMIC_SMEM(kdk_attn_mma_smem, 16);
   uint16_t* Qs = reinterpret_cast<uint16_t*>(kdk_attn_mma_smem);
-  uint16_t* dOs = Qs + BM * LD;
-  uint16_t* Ks = dOs + BM * LD;
+  uint16_t* dOs = Qs + BM * LD;  // p.layers tiles
+  uint16_t* Ks = dOs + p.layers * BM * LD;
   uint16_t* Vs = Ks + BN * LD;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3, qw = warp * 16;
   const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H, hk = h / p.group;
@@ -383,15 +408,9 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_dq_mma_kernel(A
   const scalar_t* kp = p.k + b * p.k_sb + hk * p.k_sh;
   const scalar_t* vp = p.v + b * p.v_sb + hk * p.v_sh;
   const bool* mp = p.mask ? p.mask + b * p.m_sb + h * p.m_sh : nullptr;
-  auto load_tile = [&](uint16_t* dst, const scalar_t* src, int64_t st, int64_t row0, int64_t valid) {
-    for (int idx = tid; idx < 64 * CH; idx += kAttnMmaThreads) {
-      const int r = idx / CH, c = idx % CH;
-      const bool ok = row0 + r < valid;
-      tile::cp_async16(dst + r * LD + c * 8, src + (ok ? row0 + r : 0) * st + c * 8, ok);
-    }
-  };
-  load_tile(Qs, p.q + b * p.q_sb + h * p.q_sh, p.q_st, m0, p.Tq);
-  load_tile(dOs, p.dout + bh * p.Tq * D, D, m0, p.Tq);
+  attn_mma_load<D>(Qs, p.q + b * p.q_sb + h * p.q_sh, p.q_st, m0, p.Tq, tid);
+  for (int l = 0; l < p.layers; ++l)
+    attn_mma_load<D>(dOs + l * BM * LD, p.dout + l * p.do_sl + bh * p.Tq * D, D, m0, p.Tq, tid);
   const int lrow[2] = {qw + g, qw + g + 8};
   float L[2], dl[2];
   for (int r = 0; r < 2; ++r) {
@@ -405,27 +424,43 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_dq_mma_kernel(A
   const int64_t kend = p.causal ? attn_clamp(m0 + rows + p.off, 0, p.Tk) : p.Tk;
   for (int64_t n0 = 0; n0 < kend; n0 += BN) {
     __syncthreads();  // the previous key tile's readers are done
-    load_tile(Ks, kp, p.k_st, n0, p.Tk);
-    load_tile(Vs, vp, p.v_st, n0, p.Tk);
+    attn_mma_load<D>(Ks, kp, p.k_st, n0, p.Tk, tid);
+    attn_mma_load<D>(Vs, vp, p.v_st, n0, p.Tk, tid);
     tile::cp_async_commit();
     tile::cp_async_wait<0>();
     __syncthreads();
     float s[NT][4], dp[NT][4];
     for (int j = 0; j < NT; ++j)
       for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.f;
-    for (int kk = 0; kk < KS; ++kk) {  // S = Q K^T and dP = dO V^T, K and V rows as the col-major B
-      uint32_t aq[4], ad[4];
+    for (int kk = 0; kk < KS; ++kk) {  // S = Q K^T, K rows as the col-major B
+      uint32_t aq[4];
       tile::ldmatrix<4>(aq, Qs + (qw + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + kk * 16 + 8 * (lane >> 4));
-      tile::ldmatrix<4>(ad, dOs + (qw + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + kk * 16 + 8 * (lane >> 4));
       for (int j = 0; j < NT; j += 2) {
-        uint32_t fk[4], fv[4];
+        uint32_t fk[4];
         tile::ldmatrix<4>(fk, Ks + (8 * j + (lane & 7) + 8 * (lane >> 4)) * LD + kk * 16 + 8 * ((lane >> 3) & 1));
-        tile::ldmatrix<4>(fv, Vs + (8 * j + (lane & 7) + 8 * (lane >> 4)) * LD + kk * 16 + 8 * ((lane >> 3) & 1));
-        const uint32_t k0[2] = {fk[0], fk[1]}, k1[2] = {fk[2], fk[3]}, v0[2] = {fv[0], fv[1]}, v1[2] = {fv[2], fv[3]};
+        const uint32_t k0[2] = {fk[0], fk[1]}, k1[2] = {fk[2], fk[3]};
         tile::mma16816<kBF16>(s[j], aq, k0, s[j]);
         tile::mma16816<kBF16>(s[j + 1], aq, k1, s[j + 1]);
-        tile::mma16816<kBF16>(dp[j], ad, v0, dp[j]);
-        tile::mma16816<kBF16>(dp[j + 1], ad, v1, dp[j + 1]);
+      }
+    }
+    for (int l = 0; l < p.layers; ++l) {  // dP = dO V^T; a group: the sum over its layers of dO_l V_l^T
+      if (l > 0) {
+        __syncthreads();  // every warp is done with V_{l-1}
+        attn_mma_load<D>(Vs, vp + l * p.v_sl, p.v_st, n0, p.Tk, tid);
+        tile::cp_async_commit();
+        tile::cp_async_wait<0>();
+        __syncthreads();
+      }
+      for (int kk = 0; kk < KS; ++kk) {
+        uint32_t ad[4];
+        tile::ldmatrix<4>(ad, dOs + (l * BM + qw + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + kk * 16 + 8 * (lane >> 4));
+        for (int j = 0; j < NT; j += 2) {
+          uint32_t fv[4];
+          tile::ldmatrix<4>(fv, Vs + (8 * j + (lane & 7) + 8 * (lane >> 4)) * LD + kk * 16 + 8 * ((lane >> 3) & 1));
+          const uint32_t v0[2] = {fv[0], fv[1]}, v1[2] = {fv[2], fv[3]};
+          tile::mma16816<kBF16>(dp[j], ad, v0, dp[j]);
+          tile::mma16816<kBF16>(dp[j + 1], ad, v1, dp[j + 1]);
+        }
       }
     }
     for (int j = 0; j < NT; ++j)  // dS = P (dP - delta)
@@ -457,8 +492,8 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_dq_mma_kernel(A
     if (lrow[r] >= rows) continue;
     float* dqrow = p.dq + (bh * p.Tq + m0 + lrow[r]) * D;
     for (int j = 0; j < DT; ++j) {
-      dqrow[8 * j + 2 * t] = dq[j][2 * r] * p.scale;
-      dqrow[8 * j + 2 * t + 1] = dq[j][2 * r + 1] * p.scale;
+      dqrow[8 * j + 2 * t] += dq[j][2 * r] * p.scale;  // zeroed by the launcher; one owner per element
+      dqrow[8 * j + 2 * t + 1] += dq[j][2 * r + 1] * p.scale;
     }
   }
 #endif

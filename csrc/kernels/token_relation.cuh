@@ -12,9 +12,12 @@
 //   contrastive_bwd_kernel  student side: rows O are queries, dS_O += G T_X; teacher side: rows O are
 //                           keys (tile T_O S_X^T), dT_O += G^T-tile S_X.
 //
-// Products: bf16 / fp16 similarity tiles on tensor cores (WMMA 16x16x16, float accumulation, sm_80+),
-// the gradient products G @ F on tensor cores in TF32 (G stays float: its entries can be far below the
-// fp16 range); float32 / float64 inputs (and 16-bit inputs on older GPUs) use a register-tiled FMA loop.
+// Products (common/tile_mma.cuh, sm_80+): similarity tiles by mma.sync, bf16 / fp16 operands as m16n8k16 and
+// float32 operands as 3xTF32 m16n8k8 (float32-accurate); the gradient products G @ F as TF32 m16n8k8 with G
+// split hi + lo (G stays float: its entries can be far below the 16-bit range). Every operand chunk is
+// double-buffered with cp.async. The backward sums each block's gradient rows in shared memory when the
+// launcher gives the room (one store per element at the end), else in the global buffer. float64 inputs
+// use a register-tiled FMA loop.
 // Token rows past the problem's length (masked tokens sit there, see token_order) read as zeros.
 #pragma once
 #include <cstdint>
@@ -22,15 +25,17 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 #include "common/cuda_utils.cuh"
+#include "common/tile_mma.cuh"
 #include "common/token_relation_math.h"
 
 namespace kdk {
 namespace trk {
 
-constexpr int kThreads = 128;  // 4 warps per block
+// 4 warps per block; __launch_bounds__(kThreads, 2) lets ptxas use up to 255 registers (the shared memory of
+// the tensor-core paths allows two or three blocks per SM anyway) instead of spilling at its 128 default.
+constexpr int kThreads = 128;
 constexpr int kKC = 32;        // feature chunk of a similarity product; output chunk of a gradient product
 
 template <class T> struct Is16 {
@@ -38,7 +43,7 @@ template <class T> struct Is16 {
 };
 
 // Tile geometry: BM tokens per side (32 for float64 to keep shared memory in bounds), float tiles with
-// a row stride of BM + 4 (a multiple of 4 floats, as WMMA loads and stores need).
+// a row stride of BM + 4 (conflict-free TF32 A-fragment reads: rows 4 banks apart).
 template <class acc_t> struct Geo {
   static constexpr int BM = sizeof(acc_t) == 8 ? 32 : 64;
   static constexpr int LD = BM + 4;
@@ -55,12 +60,17 @@ template <class scalar_t, class acc_t> struct Smem {
   static constexpr int BM = Geo<acc_t>::BM, LD = Geo<acc_t>::LD;
   static constexpr size_t tile = round128(sizeof(acc_t) * BM * LD);
   static constexpr size_t stats = round128(sizeof(acc_t) * 8 * BM);
-  static constexpr size_t sim_wmma = 2 * sizeof(scalar_t) * BM * (kKC + 8);
+  // tensor-core staging (sim_tile_mma, accum_tile_mma: two stages each) and the FMA loops' (float64)
+  static constexpr size_t sim_mma = 4 * sizeof(scalar_t) * BM * (Is16<scalar_t>::value ? kKC + 8 : kKC / 2 + 4);
+  static constexpr size_t acc_mma = 2 * sizeof(scalar_t) * BM * (kKC + 8);
   static constexpr size_t sim_fma = 2 * sizeof(acc_t) * kKC * (BM + 1);
-  static constexpr size_t acc_tf32 = 2 * sizeof(float) * BM * (kKC + 4);
   static constexpr size_t acc_fma = sizeof(acc_t) * BM * (kKC + 1);
-  static constexpr size_t stage = round128(cmax(cmax(sim_wmma, sim_fma), cmax(acc_tf32, acc_fma)));
+  static constexpr size_t stage = round128(cmax(cmax(sim_mma, sim_fma), cmax(acc_mma, acc_fma)));
   static constexpr size_t total = 2 * tile + 2 * stats + stage;
+  // The backward's gradient accumulators of the block's rows, after `total` when the launcher gives the room:
+  // BM rows of d + 4 values (0: the rows are summed in the global buffer).
+  static constexpr int acc_ld(int d) { return d + 4; }
+  static constexpr size_t acc_bytes(int d) { return round128(sizeof(acc_t) * BM * size_t(acc_ld(d))); }
 };
 
 __device__ __forceinline__ float to_acc(float x) { return x; }
@@ -117,65 +127,103 @@ __device__ void sim_tile_fma(const scalar_t* X, const scalar_t* Y, int d, int64_
 }
 
 #if KDK_TENSOR_CORES
-// Copies rows [r0, r0 + BM) x features [k0, k0 + kKC) of X into dst[BM][kKC + 8] (16-bit), zeros outside.
-template <class scalar_t>
-__device__ __forceinline__ void stage_rows16(const scalar_t* X, int d, int64_t r0, int64_t L, int k0, bool vec,
-                                             scalar_t* dst) {
-  constexpr int BM = Geo<float>::BM, SK = kKC + 8;
-  if (vec) {  // 8 elements (16 bytes) per load: d % 8 == 0 and X 16-byte aligned, so every row is
-    for (int idx = threadIdx.x; idx < BM * (kKC / 8); idx += kThreads) {
-      const int r = idx / (kKC / 8), kv = (idx % (kKC / 8)) * 8;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (r0 + r < L && k0 + kv < d) v = *reinterpret_cast<const uint4*>(X + (r0 + r) * d + k0 + kv);
-      *reinterpret_cast<uint4*>(dst + r * SK + kv) = v;
+// Issues the cp.async copies of features [k0, k0 + KC) of rows [a0, a0 + BM) of X and [b0, b0 + BM) of Y into
+// sx, sy ([BM][SK] elements of T), zeros past L or d, and commits them as one group. vec: d is a multiple of
+// the 16-byte vector and X, Y are 16-byte aligned; otherwise plain loads and stores (visible after the
+// caller's barrier like the copies).
+template <int KC, int SK, class T>
+__device__ __forceinline__ void stage_pair(const T* X, const T* Y, int d, int64_t a0, int64_t b0, int64_t L, int k0,
+                                           bool vec, T* sx, T* sy) {
+  constexpr int BM = Geo<float>::BM, V = 16 / sizeof(T), CV = KC / V;
+  if (vec) {
+    for (int idx = threadIdx.x; idx < 2 * BM * CV; idx += kThreads) {
+      const int side = idx / (BM * CV), r = (idx / CV) % BM, c = (idx % CV) * V;
+      const int64_t row = (side ? b0 : a0) + r;
+      const bool ok = row < L && k0 + c < d;
+      tile::cp_async16((side ? sy : sx) + r * SK + c, (side ? Y : X) + (ok ? row * d + k0 + c : 0), ok);
     }
   } else {
-    for (int idx = threadIdx.x; idx < BM * kKC; idx += kThreads) {
-      const int r = idx / kKC, k = idx % kKC;
-      dst[r * SK + k] = (r0 + r < L && k0 + k < d) ? X[(r0 + r) * d + k0 + k] : scalar_t(0.0f);
+    for (int idx = threadIdx.x; idx < 2 * BM * KC; idx += kThreads) {
+      const int side = idx / (BM * KC), r = (idx / KC) % BM, c = idx % KC;
+      const int64_t row = (side ? b0 : a0) + r;
+      (side ? sy : sx)[r * SK + c] = (row < L && k0 + c < d) ? (side ? Y : X)[row * d + k0 + c] : T(0.0f);
     }
   }
+  tile::cp_async_commit();
 }
 
+// S = X_a Y_b^T on tensor cores: bf16 / fp16 operands with mma.sync m16n8k16 (exact products, float32 sums),
+// float32 operands as 3xTF32 (x = hi + lo, both TF32; hi hi + hi lo + lo hi with m16n8k8: the float32 product
+// to about 2^-21, where plain TF32 would keep 2^-11). Feature chunks of KC are double-buffered with cp.async:
+// chunk c + 1 lands while chunk c is multiplied. Warp w computes rows 16 w .. 16 w + 15 of the 64 x 64 tile.
 template <class scalar_t>
-__device__ void sim_tile_wmma(const scalar_t* X, const scalar_t* Y, int d, int64_t a0, int64_t b0, int64_t L, float* S,
-                              unsigned char* stage) {
-  using namespace nvcuda;
-  constexpr int BM = Geo<float>::BM, LD = Geo<float>::LD, SK = kKC + 8;
-  scalar_t* sx = reinterpret_cast<scalar_t*>(stage);  // [BM][SK]
-  scalar_t* sy = sx + BM * SK;
-  const int warp = threadIdx.x / 32;
-  const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;  // this warp's 32 x 32 quarter of the tile
-  const bool vec = d % 8 == 0 && aligned16(X) && aligned16(Y);
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+__device__ void sim_tile_mma(const scalar_t* X, const scalar_t* Y, int d, int64_t a0, int64_t b0, int64_t L, float* S,
+                             unsigned char* stage) {
+  constexpr bool k16 = Is16<scalar_t>::value;
+  constexpr int BM = Geo<float>::BM, LD = Geo<float>::LD, NT = BM / 8;
+  constexpr int KC = k16 ? 32 : 16, SK = KC + (k16 ? 8 : 4);  // conflict-free fragment reads (see docs)
+  scalar_t* buf = reinterpret_cast<scalar_t*>(stage);          // [2 stages][X, Y][BM][SK]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3, w16 = warp * 16;
+  const bool vec = d % (16 / int(sizeof(scalar_t))) == 0 && aligned16(X) && aligned16(Y);
+  float acc[NT][4];
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+  for (int j = 0; j < NT; ++j)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-  for (int k0 = 0; k0 < d; k0 += kKC) {
-    stage_rows16(X, d, a0, L, k0, vec, sx);
-    stage_rows16(Y, d, b0, L, k0, vec, sy);
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kKC; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, scalar_t, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, scalar_t, wmma::col_major> fb[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], sx + (wr + 16 * i) * SK + kk, SK);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], sy + (wc + 16 * j) * SK + kk, SK);  // (k, c) = Y_c[k]
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+  const int nk = (d + KC - 1) / KC;
+  stage_pair<KC, SK>(X, Y, d, a0, b0, L, 0, vec, buf, buf + BM * SK);
+  for (int kc = 0; kc < nk; ++kc) {
+    if (kc + 1 < nk) {  // the other buffer's readers passed the barrier closing the previous iteration
+      scalar_t* nb = buf + ((kc + 1) & 1) * 2 * BM * SK;
+      stage_pair<KC, SK>(X, Y, d, a0, b0, L, (kc + 1) * KC, vec, nb, nb + BM * SK);
+      tile::cp_async_wait<1>();
+    } else {
+      tile::cp_async_wait<0>();
     }
     __syncthreads();
+    const scalar_t* sx = buf + (kc & 1) * 2 * BM * SK;
+    const scalar_t* sy = sx + BM * SK;
+    if constexpr (k16) {
+      constexpr bool kBF16 = std::is_same<scalar_t, __nv_bfloat16>::value;
+#pragma unroll
+      for (int kk = 0; kk < KC / 16; ++kk) {
+        uint32_t a[4];
+        tile::ldmatrix<4>(a, sx + (w16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * SK + kk * 16 + 8 * (lane >> 4));
+#pragma unroll
+        for (int j = 0; j < NT; j += 2) {  // Y rows [n][k] are the col-major B
+          uint32_t f[4];
+          tile::ldmatrix<4>(f, sy + (8 * j + (lane & 7) + 8 * (lane >> 4)) * SK + kk * 16 + 8 * ((lane >> 3) & 1));
+          const uint32_t b0[2] = {f[0], f[1]}, b1[2] = {f[2], f[3]};
+          tile::mma16816<kBF16>(acc[j], a, b0, acc[j]);
+          tile::mma16816<kBF16>(acc[j + 1], a, b1, acc[j + 1]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < KC / 8; ++kk) {
+        uint32_t ah[4], al[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float x = sx[(w16 + g + 8 * (i & 1)) * SK + kk * 8 + t + 4 * (i >> 1)];
+          tile::split_tf32(x, ah[i], al[i]);
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          uint32_t bh[2], bl[2];
+#pragma unroll
+          for (int i = 0; i < 2; ++i) tile::split_tf32(sy[(8 * j + g) * SK + kk * 8 + t + 4 * i], bh[i], bl[i]);
+          tile::mma1688_tf32(acc[j], al, bh, acc[j]);
+          tile::mma1688_tf32(acc[j], ah, bl, acc[j]);
+          tile::mma1688_tf32(acc[j], ah, bh, acc[j]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with this buffer before it is refilled
   }
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+  for (int j = 0; j < NT; ++j)
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(S + (wr + 16 * i) * LD + wc + 16 * j, acc[i][j], LD, wmma::mem_row_major);
+    for (int i = 0; i < 4; ++i) S[(w16 + g + 8 * (i >> 1)) * LD + 8 * j + 2 * t + (i & 1)] = acc[j][i];
   __syncthreads();
 }
 #endif
@@ -184,8 +232,8 @@ template <class scalar_t, class acc_t>
 __device__ __forceinline__ void sim_tile(const scalar_t* X, const scalar_t* Y, int d, int64_t a0, int64_t b0, int64_t L,
                                          acc_t* S, unsigned char* stage) {
 #if KDK_TENSOR_CORES
-  if constexpr (Is16<scalar_t>::value) {
-    sim_tile_wmma<scalar_t>(X, Y, d, a0, b0, L, S, stage);
+  if constexpr (!std::is_same<acc_t, double>::value) {
+    sim_tile_mma<scalar_t>(X, Y, d, a0, b0, L, S, stage);
     return;
   }
 #endif
@@ -193,14 +241,15 @@ __device__ __forceinline__ void sim_tile(const scalar_t* X, const scalar_t* Y, i
 }
 
 // ---------------------------------------------------------------------------------------------
-// out[o0 + r][:] += sum_x Gt[r][x] F[x0 + x][:] for the rows o0 + r < L; Gt: BM x BM float tile in shared
-// memory (zero wherever o0 + r or x0 + x is past L), F: (n, d) rows, out: (n, d) owned by this block.
-// Ends with __syncthreads().
+// out[r][:] += sum_x Gt[r][x] F[x0 + x][:] for the rows o0 + r < L; Gt: BM x BM float tile in shared memory
+// (zero wherever o0 + r or x0 + x is past L), F: (n, d) rows, out: this block's rows o0 .. with row stride
+// ld, either the block's accumulator in shared memory or its rows of the global (n, d) buffer (no other
+// block writes them). Ends with __syncthreads().
 // ---------------------------------------------------------------------------------------------
 
 template <class scalar_t, class acc_t>
 __device__ void accum_tile_fma(const acc_t* Gt, const scalar_t* F, int d, int64_t o0, int64_t x0, int64_t L, acc_t* out,
-                               unsigned char* stage) {
+                               int ld, unsigned char* stage) {
   using G = Geo<acc_t>;
   constexpr int BM = G::BM, LD = G::LD, SF = kKC + 1, TN = kKC / 8;
   acc_t* sf = reinterpret_cast<acc_t*>(stage);  // [BM][SF]
@@ -232,70 +281,125 @@ __device__ void accum_tile_fma(const acc_t* Gt, const scalar_t* F, int d, int64_
     for (int m = 0; m < G::TM; ++m)
 #pragma unroll
       for (int n = 0; n < TN; ++n) {
-        const int64_t row = o0 + ty + 16 * m;
-        const int col = c0 + tx + 8 * n;
-        if (row < L && col < d) out[row * d + col] += acc[m][n];
+        const int r = ty + 16 * m, col = c0 + tx + 8 * n;
+        if (o0 + r < L && col < d) out[r * ld + col] += acc[m][n];
       }
     __syncthreads();
   }
 }
 
 #if KDK_TENSOR_CORES
+// The same product on tensor cores with m16n8k8 TF32: G is split hi + lo (its entries can be far below the
+// 16-bit range and need float32 precision); 16-bit F is exact in TF32 (two products per tile), float32 F is
+// split too (3xTF32). F chunks of 32 features are double-buffered with cp.async; warp w owns rows 16 w ..
 template <class scalar_t>
-__device__ void accum_tile_tf32(const float* Gt, const scalar_t* F, int d, int64_t o0, int64_t x0, int64_t L, float* out,
-                                unsigned char* stage) {
-  using namespace nvcuda;
-  constexpr int BM = Geo<float>::BM, LD = Geo<float>::LD, SF = kKC + 4;
-  float* sf = reinterpret_cast<float*>(stage);  // [BM][SF]: F chunk
-  float* so = sf + BM * SF;                     // [BM][SF]: product chunk
-  const int warp = threadIdx.x / 32;            // rows 16 warp .. 16 warp + 15
-  for (int c0 = 0; c0 < d; c0 += kKC) {
-    for (int idx = threadIdx.x; idx < BM * kKC; idx += kThreads) {
-      const int x = idx / kKC, c = idx % kKC;
-      sf[x * SF + c] = (x0 + x < L && c0 + c < d) ? to_acc(F[(x0 + x) * d + c0 + c]) : 0.0f;
-    }
-    __syncthreads();
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2];
-    wmma::fill_fragment(acc[0], 0.0f);
-    wmma::fill_fragment(acc[1], 0.0f);
-#pragma unroll
-    for (int x = 0; x < BM; x += 8) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
-      wmma::load_matrix_sync(fa, Gt + (16 * warp) * LD + x, LD);
-#pragma unroll
-      for (int e = 0; e < fa.num_elements; ++e) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb;
-        wmma::load_matrix_sync(fb, sf + x * SF + 16 * j, SF);
-#pragma unroll
-        for (int e = 0; e < fb.num_elements; ++e) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
-        wmma::mma_sync(acc[j], fa, fb, acc[j]);
+__device__ void accum_tile_mma(const float* Gt, const scalar_t* F, int d, int64_t o0, int64_t x0, int64_t L, float* out,
+                               int ld, unsigned char* stage) {
+  constexpr bool k16 = Is16<scalar_t>::value;
+  constexpr int BM = Geo<float>::BM, LD = Geo<float>::LD, KC = kKC, SF = KC + 8, V = 16 / sizeof(scalar_t);
+  constexpr int CV = KC / V;
+  scalar_t* buf = reinterpret_cast<scalar_t*>(stage);  // [2 stages][BM rows x][SF]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3, w16 = warp * 16;
+  const bool vec = d % V == 0 && aligned16(F);
+  auto load = [&](int c0, scalar_t* dst) {
+    if (vec) {
+      for (int idx = threadIdx.x; idx < BM * CV; idx += kThreads) {
+        const int x = idx / CV, c = (idx % CV) * V;
+        const bool ok = x0 + x < L && c0 + c < d;
+        tile::cp_async16(dst + x * SF + c, F + (ok ? (x0 + x) * d + c0 + c : 0), ok);
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < BM * KC; idx += kThreads) {
+        const int x = idx / KC, c = idx % KC;
+        dst[x * SF + c] = (x0 + x < L && c0 + c < d) ? F[(x0 + x) * d + c0 + c] : scalar_t(0.0f);
       }
     }
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::store_matrix_sync(so + (16 * warp) * SF + 16 * j, acc[j], SF, wmma::mem_row_major);
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < BM * kKC; idx += kThreads) {
-      const int r = idx / kKC, c = idx % kKC;
-      if (o0 + r < L && c0 + c < d) out[(o0 + r) * d + c0 + c] += so[r * SF + c];
+    tile::cp_async_commit();
+  };
+  const int nc = (d + KC - 1) / KC;
+  load(0, buf);
+  for (int ci = 0; ci < nc; ++ci) {
+    if (ci + 1 < nc) {
+      load((ci + 1) * KC, buf + ((ci + 1) & 1) * BM * SF);
+      tile::cp_async_wait<1>();
+    } else {
+      tile::cp_async_wait<0>();
     }
     __syncthreads();
+    const scalar_t* sf = buf + (ci & 1) * BM * SF;
+    float acc[KC / 8][4];
+#pragma unroll
+    for (int j = 0; j < KC / 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+#pragma unroll 2
+    for (int kk = 0; kk < BM / 8; ++kk) {
+      uint32_t gh[4], gl[4];  // G's A fragment (hi, lo) at k-step kk over the 64 partner rows
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        tile::split_tf32(Gt[(w16 + g + 8 * (i & 1)) * LD + kk * 8 + t + 4 * (i >> 1)], gh[i], gl[i]);
+#pragma unroll
+      for (int j = 0; j < KC / 8; ++j) {
+        uint32_t bh[2], bl[2];  // B[x][c] = F[x0 + 8 kk + t (+4)][c0 + 8 j + g]
+#pragma unroll
+        for (int i = 0; i < 2; ++i) tile::split_tf32(to_acc(sf[(kk * 8 + t + 4 * i) * SF + 8 * j + g]), bh[i], bl[i]);
+        if constexpr (!k16) tile::mma1688_tf32(acc[j], gh, bl, acc[j]);
+        tile::mma1688_tf32(acc[j], gl, bh, acc[j]);
+        tile::mma1688_tf32(acc[j], gh, bh, acc[j]);
+      }
+    }
+    const int c0 = ci * KC;
+#pragma unroll
+    for (int j = 0; j < KC / 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = w16 + g + 8 * (i >> 1), col = c0 + 8 * j + 2 * t + (i & 1);
+        if (o0 + r < L && col < d) out[r * ld + col] += acc[j][i];  // this thread's element alone
+      }
+    __syncthreads();  // every warp is done with this buffer before it is refilled
   }
 }
 #endif
 
 template <class scalar_t, class acc_t>
 __device__ __forceinline__ void accum_tile(const acc_t* Gt, const scalar_t* F, int d, int64_t o0, int64_t x0, int64_t L,
-                                           acc_t* out, unsigned char* stage) {
+                                           acc_t* out, int ld, unsigned char* stage) {
 #if KDK_TENSOR_CORES
-  if constexpr (Is16<scalar_t>::value) {
-    accum_tile_tf32<scalar_t>(Gt, F, d, o0, x0, L, out, stage);
+  if constexpr (!std::is_same<acc_t, double>::value) {
+    accum_tile_mma<scalar_t>(Gt, F, d, o0, x0, L, out, ld, stage);
     return;
   }
 #endif
-  accum_tile_fma<scalar_t, acc_t>(Gt, F, d, o0, x0, L, out, stage);
+  accum_tile_fma<scalar_t, acc_t>(Gt, F, d, o0, x0, L, out, ld, stage);
 }
+
+// Where a backward block sums its gradient rows o0 .. o0 + BM - 1: shared memory after the fixed carve-up
+// (zeroed here; acc_flush writes it out once at the end) or, without the room, the global rows themselves.
+template <class scalar_t, class acc_t> struct RowAcc {
+  acc_t* rows;  // row o0
+  int ld;
+  bool shared;
+  __device__ RowAcc(unsigned char* smem_base, size_t offset, bool in_smem, acc_t* global, int64_t o0, int d)
+      : shared(in_smem) {
+    using M = Smem<scalar_t, acc_t>;
+    if (shared) {
+      rows = reinterpret_cast<acc_t*>(smem_base + M::total + offset);
+      ld = M::acc_ld(d);
+      for (int i = threadIdx.x; i < M::BM * ld; i += kThreads) rows[i] = acc_t(0);
+    } else {
+      rows = global + o0 * d;
+      ld = d;
+    }
+  }
+  // After the last accum_tile (which ends with a barrier): the block's valid rows to the global buffer.
+  __device__ void flush(acc_t* global, int64_t o0, int64_t L, int d) const {
+    if (!shared) return;
+    for (int i = threadIdx.x; i < Geo<acc_t>::BM * d; i += kThreads) {
+      const int r = i / d, c = i % d;
+      if (o0 + r < L) global[(o0 + r) * d + c] = rows[r * ld + c];
+    }
+  }
+};
 
 // The shared-memory carve-up every kernel uses.
 template <class scalar_t, class acc_t> struct Shared {
@@ -329,11 +433,12 @@ template <class scalar_t, class acc_t> struct RelParams {
   acc_t* gt;           // backward: (Q, n, dt) or null
   int64_t n, nblocks;  // tokens per problem, row blocks per problem
   int H, ds, dt;
+  int acc_smem;        // backward: 1 = gradient rows accumulated in shared memory (Smem::acc_bytes per side)
   acc_t beta_s, beta_t, inv_h;
 };
 
 template <class scalar_t, class acc_t, int kLoss>
-__global__ void __launch_bounds__(kThreads) relation_fwd_kernel(RelParams<scalar_t, acc_t> p) {
+__global__ void __launch_bounds__(kThreads, 2) relation_fwd_kernel(RelParams<scalar_t, acc_t> p) {
   constexpr int BM = Geo<acc_t>::BM, LD = Geo<acc_t>::LD, CPL = BM / 32;
   KDK_DYNAMIC_SMEM(smem_raw, 128);
   Shared<scalar_t, acc_t> sh(smem_raw);
@@ -471,7 +576,7 @@ __device__ __forceinline__ void load_row_stats(const acc_t* stat, const acc_t* w
 }
 
 template <class scalar_t, class acc_t, int kLoss, bool kTeacher>
-__global__ void __launch_bounds__(kThreads) relation_bwd_kernel(RelParams<scalar_t, acc_t> p) {
+__global__ void __launch_bounds__(kThreads, 2) relation_bwd_kernel(RelParams<scalar_t, acc_t> p) {
   constexpr int BM = Geo<acc_t>::BM, LD = Geo<acc_t>::LD;
   KDK_DYNAMIC_SMEM(smem_raw, 128);
   Shared<scalar_t, acc_t> sh(smem_raw);
@@ -486,6 +591,9 @@ __global__ void __launch_bounds__(kThreads) relation_bwd_kernel(RelParams<scalar
   acc_t* gs = p.gs + q * p.n * p.ds;
   acc_t* gt = kTeacher ? p.gt + q * p.n * p.dt : nullptr;
   load_row_stats(stat, w, p.inv_h, o0, L, sh.so);
+  using M = Smem<scalar_t, acc_t>;
+  const RowAcc<scalar_t, acc_t> as(smem_raw, 0, p.acc_smem, gs, o0, p.ds);
+  const RowAcc<scalar_t, acc_t> at(smem_raw, M::acc_bytes(p.ds), p.acc_smem && kTeacher, gt, o0, p.dt);
   for (int64_t x0 = 0; x0 < L; x0 += BM) {
     load_row_stats(stat, w, p.inv_h, x0, L, sh.sx);  // read after sim_tile's barriers
     sim_tile<scalar_t, acc_t>(yt, yt, p.dt, o0, x0, L, sh.tA, sh.stage);
@@ -509,9 +617,11 @@ __global__ void __launch_bounds__(kThreads) relation_bwd_kernel(RelParams<scalar
       if (kTeacher) sh.tA[r * LD + c] = mt;
     }
     __syncthreads();
-    accum_tile<scalar_t, acc_t>(sh.tB, ys, p.ds, o0, x0, L, gs, sh.stage);
-    if (kTeacher) accum_tile<scalar_t, acc_t>(sh.tA, yt, p.dt, o0, x0, L, gt, sh.stage);
+    accum_tile<scalar_t, acc_t>(sh.tB, ys, p.ds, o0, x0, L, as.rows, as.ld, sh.stage);
+    if (kTeacher) accum_tile<scalar_t, acc_t>(sh.tA, yt, p.dt, o0, x0, L, at.rows, at.ld, sh.stage);
   }
+  as.flush(gs, o0, L, p.ds);
+  if (kTeacher) at.flush(gt, o0, L, p.dt);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -528,11 +638,12 @@ template <class scalar_t, class acc_t> struct ConParams {
   acc_t* grad;        // backward: (P, n, D) accumulator of the side being computed
   int64_t n, nblocks;
   int D;
+  int acc_smem;       // backward: 1 = gradient rows accumulated in shared memory (Smem::acc_bytes(D))
   acc_t beta;
 };
 
 template <class scalar_t, class acc_t>
-__global__ void __launch_bounds__(kThreads) contrastive_fwd_kernel(ConParams<scalar_t, acc_t> p) {
+__global__ void __launch_bounds__(kThreads, 2) contrastive_fwd_kernel(ConParams<scalar_t, acc_t> p) {
   constexpr int BM = Geo<acc_t>::BM, LD = Geo<acc_t>::LD, CPL = BM / 32;
   KDK_DYNAMIC_SMEM(smem_raw, 128);
   Shared<scalar_t, acc_t> sh(smem_raw);
@@ -592,7 +703,7 @@ __global__ void __launch_bounds__(kThreads) contrastive_fwd_kernel(ConParams<sca
 // dS_O += G T_X. true: rows O are keys, the tile is T_O S_X^T (= C^T), G[r][c] = beta w_c (softmax_c - ...),
 // dT_O += G S_X.
 template <class scalar_t, class acc_t, bool kTeacherSide>
-__global__ void __launch_bounds__(kThreads) contrastive_bwd_kernel(ConParams<scalar_t, acc_t> p) {
+__global__ void __launch_bounds__(kThreads, 2) contrastive_bwd_kernel(ConParams<scalar_t, acc_t> p) {
   constexpr int BM = Geo<acc_t>::BM, LD = Geo<acc_t>::LD;
   KDK_DYNAMIC_SMEM(smem_raw, 128);
   Shared<scalar_t, acc_t> sh(smem_raw);
@@ -613,6 +724,7 @@ __global__ void __launch_bounds__(kThreads) contrastive_bwd_kernel(ConParams<sca
       sh.so[r] = ok ? lse[o0 + r] : acc_t(0);
       sh.so[BM + r] = ok ? w[o0 + r] : acc_t(0);
     }
+  const RowAcc<scalar_t, acc_t> acc(smem_raw, 0, p.acc_smem, grad, o0, p.D);
   for (int64_t x0 = 0; x0 < L; x0 += BM) {
     if (kTeacherSide)
       for (int c = threadIdx.x; c < BM; c += kThreads) {
@@ -632,8 +744,9 @@ __global__ void __launch_bounds__(kThreads) contrastive_bwd_kernel(ConParams<sca
       sh.tA[r * LD + c] = g;
     }
     __syncthreads();
-    accum_tile<scalar_t, acc_t>(sh.tA, other, p.D, o0, x0, L, grad, sh.stage);
+    accum_tile<scalar_t, acc_t>(sh.tA, other, p.D, o0, x0, L, acc.rows, acc.ld, sh.stage);
   }
+  acc.flush(grad, o0, L, p.D);
 }
 
 }  // namespace trk

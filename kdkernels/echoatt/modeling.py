@@ -17,7 +17,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..functional import SHARED_ATTENTION_MATERIALIZE_BUDGET, attention, shared_attention, shared_attention_probs
+from ..functional import (SHARED_ATTENTION_MATERIALIZE_BUDGET, SharedAttentionGroup, attention, shared_attention,
+                          shared_attention_probs)
 
 _PRE = "kdkernels.echoatt: "
 MODES = ("auto", "recompute", "materialize")
@@ -25,7 +26,8 @@ MODES = ("auto", "recompute", "materialize")
 
 class EchoGroup:
     """What an anchor hands its sharing layers within one forward pass: (Q, K, LSE), the mask it ran with, and
-    (mode 'materialize') the probabilities, computed once by the first sharing layer and re-used by the others.
+    (mode 'materialize') the probabilities, computed once by the first sharing layer and re-used by the others,
+    or (mode 'recompute') a kdkernels.SharedAttentionGroup, whose backward forms the anchor's dQ, dK once.
 
     Not a Module: it holds activations, never parameters. `clear()` drops them (done at the start of every pass
     of a converted model, and after the group's last sharing layer).
@@ -37,7 +39,7 @@ class EchoGroup:
         self.clear()
 
     def clear(self):
-        self.q = self.k = self.k_new = self.lse = self.mask = self.probs = None
+        self.q = self.k = self.k_new = self.lse = self.mask = self.probs = self.shared = None
         self.causal = True
         self.ran = False
 
@@ -214,8 +216,9 @@ class EchoAttention(nn.Module):
                 out = shared_attention(g.q, g.k, g.lse, v, causal=g.causal, scale=self.scaling, mask=g.mask,
                                        probs=g.probs)
             else:
-                out = shared_attention(g.q, g.k, g.lse, v, causal=g.causal, scale=self.scaling, mask=g.mask,
-                                       mode="recompute")
+                if g.shared is None:
+                    g.shared = SharedAttentionGroup(g.q, g.k, g.lse, causal=g.causal, scale=self.scaling, mask=g.mask)
+                out = g.shared(v)
             if g.sharers and self.layer_idx == g.sharers[-1]:
                 g.clear()  # the group is done: autograd keeps what the backward needs
         out = out.transpose(1, 2).reshape(B, T, -1)
