@@ -171,7 +171,7 @@ SAN="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 
 MEMCHECK_K="${MEMCHECK_K:-cuda and (awkward_shapes or neg_inf or out_of_range or all_masked or empty_batch or (matches_reference and float32))}"
 RACECHECK_K="${RACECHECK_K:-cuda and matches_reference and float32 and (renorm or tail or dense)}"
 # The other ops' kernels: float32 CUDA tests of each, memcheck and racecheck (first failure stops a run).
-OTHER_TESTS="${SANITIZE_OTHER_TESTS:-tests/test_sinkhorn.py tests/test_token_relation.py tests/test_attention.py tests/test_tile_mma.py}"
+OTHER_TESTS="${SANITIZE_OTHER_TESTS:-tests/test_sinkhorn.py tests/test_token_relation.py tests/test_attention.py tests/test_shared_group.py tests/test_tile_mma.py}"
 OTHER_K="${SANITIZE_OTHER_K:-cuda and (float32 or tensor_core or mma or ldmatrix)}"
 if [[ -n "$SAN" ]]; then
     for run in "memcheck|${SANITIZE_TESTS:-tests/test_topk_kl.py}|$MEMCHECK_K" \

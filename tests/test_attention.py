@@ -651,3 +651,34 @@ def test_tensor_core_padded_head_dims(device, dtype, D, Dv):
         assert any("attention_fwd_mma_kernel" in n for n in names), names
         assert any("attention_bwd_mma_kernel" in n for n in names), names
         assert not any(re.search(r"\battention_(fwd|bwd)_kernel<", n) for n in names), names  # no SIMT
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dt)
+@pytest.mark.parametrize("D", [64, 128])
+def test_tensor_core_probs(device, dtype, D):
+    """The materialised probabilities on tensor cores (attention_probs_mma_kernel), and the group gradient
+    through them (dS in the inputs' dtype, GEMMs on tensor cores), against float64."""
+    emulated = getattr(device, "emulated", False)
+    if device == "cpu" and not emulated:
+        pytest.skip("the tensor-core path is a CUDA code path")
+    Tq, Tk = (70, 75) if emulated else (333, 517)
+    q, k, v = make_qkv(B=1, H=4, Hk=2, Tq=Tq, Tk=Tk, D=D, dtype=dtype, device=device)
+    mask = random_mask(1, 4, Tq, Tk, device, empty_rows=((0, 1, 3),))
+    kw = dict(causal=True, mask=mask)
+    with torch.no_grad():
+        _, lse = kdkernels.attention(q, k, v, **kw)
+    if emulated:
+        from kdkernels import _emu
+        _emu.reset_launch_counts()
+    P = kdkernels.shared_attention_probs(q, k, lse, **kw)
+    if emulated:
+        assert any("attention_probs_mma_kernel" in n for n in _emu.launch_counts()), _emu.launch_counts()
+    qr, kr, vr = up(q, k, v)
+    rp = attention_probs_ref(qr, kr, causal=True, mask=mask.cpu())[0]
+    assert_close(P, rp, dtype)
+    outs = [kdkernels.shared_attention(q, k, lse, x, probs=P, **kw) for x in (v, v * 0.5)]
+    g = [_randn(*o.shape).to(dtype).to(device) for o in outs]
+    grads = torch.autograd.grad(sum((o * gi).sum() for o, gi in zip(outs, g)), (q, k, v))
+    ro = [shared_attention_ref(qr, kr, x, causal=True, mask=mask.cpu()) for x in (vr, vr * 0.5)]
+    ref = torch.autograd.grad(sum((o * gi.double().cpu()).sum() for o, gi in zip(ro, g)), (qr, kr, vr))
+    assert_grads_close(grads, ref, dtype)

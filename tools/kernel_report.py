@@ -37,8 +37,9 @@ TENSOR_CORE_EXPECTED = [
      "token_relation.cuh: similarity tiles on mma.sync (m16n8k16 bf16/fp16, 3xTF32 m16n8k8 float32)"),
     (r"^trk::(relation|contrastive)_bwd_kernel<(__half|__nv_bfloat16|float),",
      "token_relation.cuh: gradient products G @ F on mma.sync m16n8k8 TF32 (accum_tile_mma)"),
-    (r"^attention_(fwd|bwd|bwd_dq)_mma_kernel<",
-     "attention_mma.cuh: every product of the FlashAttention-2-style forward and backward on mma.sync m16n8k16"),
+    (r"^attention_(fwd|bwd|bwd_dq|probs)_mma_kernel<",
+     "attention_mma.cuh: every product of the FlashAttention-2-style forward and backward (and of the "
+     "materialised probabilities) on mma.sync m16n8k16"),
     (r"^tile_mma(_tf32)?_check_kernel",
      "tile_check.cuh: the mma.sync primitives of common/tile_mma.cuh (m16n8k16 bf16/fp16, m16n8k8 tf32)"),
 ]
@@ -47,7 +48,8 @@ TENSOR_CORE_EXPECTED = [
 CP_ASYNC_EXPECTED = [
     (r"^trk::(relation|contrastive)_(fwd|bwd)_kernel<(__half|__nv_bfloat16|float),",
      "token_relation.cuh: double-buffered operand chunks (stage_pair, accum_tile_mma)"),
-    (r"^attention_(fwd|bwd|bwd_dq)_mma_kernel<", "attention_mma.cuh: K/V (forward), Q/dO (backward) tiles"),
+    (r"^attention_(fwd|bwd|bwd_dq|probs)_mma_kernel<",
+     "attention_mma.cuh: K/V (forward), Q/dO (backward), Q/K (probabilities) tiles"),
 ]
 
 # Family of a kernel, by its short name (first match wins); rows are grouped by it.

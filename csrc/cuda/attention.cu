@@ -270,6 +270,40 @@ bool try_mma_bwd_padded(const AttnNames& n, const AttnArgs& a, const at::Tensor&
   return true;
 }
 
+at::Tensor opt_mask(const c10::optional<at::Tensor>& mask);
+
+// shared_attention_probs_fwd on tensor cores (attention_probs_mma_kernel) for float16 / bfloat16 q, k whose
+// head size and rows the tensor-core kernels take; false: the float32 GEMM path runs.
+bool probs_mma(const AttnArgs& a, const at::Tensor& q0, const at::Tensor& k0, const at::Tensor& lse,
+               const c10::optional<at::Tensor>& mask, const at::Tensor& probs) {
+  bool done = false;
+  if (a.B * a.H > kMaxGridY) return false;
+  const at::Tensor q = attn_unit_last(q0), k = attn_unit_last(k0), m = opt_mask(mask), lse_c = lse.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "shared_attention_probs_fwd_cuda", [&] {
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      AttnArgs ak = a;
+      ak.Dv = a.D;  // the probabilities have no V: check q, k alone
+      if (!use_mma_fwd<scalar_t>(ak, q, k, k)) return;
+      constexpr bool bf = std::is_same_v<scalar_t, at::BFloat16>;
+      AttnParams<scalar_t, float> p = make_params<scalar_t, float>(ak, q, k, at::Tensor(), m);
+      p.lse_in = lse_c.data_ptr<float>();
+      p.o = probs.data_ptr<scalar_t>();
+      const size_t smem = attention_mma_probs_smem(p.D);
+      const dim3 grid(static_cast<unsigned>((a.Tk + 63) / 64), static_cast<unsigned>((a.Tq + 63) / 64),
+                      static_cast<unsigned>(a.B * a.H));
+      auto run = [&](auto kernel) {
+        allow_smem(kernel, smem, kSharedNames.op);
+        launch(kernel, grid, kAttnMmaThreads, smem, p);
+      };
+      if (a.D == 64) run(attention_probs_mma_kernel<scalar_t, bf, 64>);
+      else if (a.D == 96) run(attention_probs_mma_kernel<scalar_t, bf, 96>);
+      else run(attention_probs_mma_kernel<scalar_t, bf, 128>);
+      done = true;
+    }
+  });
+  return done;
+}
+
 at::Tensor opt_mask(const c10::optional<at::Tensor>& mask) { return mask.has_value() ? *mask : at::Tensor(); }
 
 // attention (lse_in undefined) or shared attention in recompute mode (lse_in given).
@@ -430,6 +464,7 @@ at::Tensor shared_attention_probs_fwd_cuda(KDK_SHARED_ATTENTION_PROBS_FWD_ARGS) 
   const DeviceGuard guard(q.device());
   at::Tensor probs = at::empty({a.B, a.H, a.Tq, a.Tk}, q.options());
   if (probs.numel() == 0) return probs;
+  if (probs_mma(a, q, k, lse, mask, probs)) return probs;
   // S = q k^T in float32 (float64): products of fp16/bf16 inputs are exact there, as in a flash kernel.
   const at::Tensor qf = q.to(a.acc).reshape({a.B, a.Hk, a.group, a.Tq, a.D});
   const at::Tensor kf = k.to(a.acc).unsqueeze(2);
@@ -471,11 +506,15 @@ std::tuple<at::Tensor, at::Tensor> shared_attention_probs_bwd_cuda(KDK_SHARED_AT
     p.H = a.H; p.Tq = a.Tq; p.Tk = a.Tk; p.rows = a.B * a.H * a.Tq;
     launch(attention_probs_bwd_kernel<scalar_t, acc_t>, row_blocks(p.rows), kAttnThreads, 0, p);
   });
-  // dQ = scale dS K, dK = scale sum over the group's query heads of dS^T Q (GEMMs, float32 / float64).
-  const at::Tensor dS5 = dS.view({a.B, a.Hk, a.group, a.Tq, a.Tk});
-  const at::Tensor kf = k.to(a.acc).unsqueeze(2), qf = q.to(a.acc).reshape({a.B, a.Hk, a.group, a.Tq, a.D});
-  at::Tensor dq = at::matmul(dS5, kf).mul_(a.scale).reshape({a.B, a.H, a.Tq, a.D});
-  at::Tensor dk = at::matmul(dS5.transpose(-1, -2), qf).sum(2).mul_(a.scale);
+  // dQ = scale dS K, dK = scale sum over the group's query heads of dS^T Q. float16 / bfloat16: GEMMs on
+  // tensor cores with dS rounded to the inputs' dtype (as FlashAttention's backward does) and float32
+  // accumulation; float32 / float64: GEMMs in that dtype.
+  const bool half = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  const auto gemm_t = half ? q.scalar_type() : a.acc;
+  const at::Tensor dS5 = dS.view({a.B, a.Hk, a.group, a.Tq, a.Tk}).to(gemm_t);
+  const at::Tensor kf = k.to(gemm_t).unsqueeze(2), qf = q.to(gemm_t).reshape({a.B, a.Hk, a.group, a.Tq, a.D});
+  at::Tensor dq = at::matmul(dS5, kf).reshape({a.B, a.H, a.Tq, a.D}).to(a.acc).mul_(a.scale);
+  at::Tensor dk = at::matmul(dS5.transpose(-1, -2), qf).sum(at::IntArrayRef{2}, false, a.acc).mul_(a.scale);
   return {dq.to(q.scalar_type()), dk.to(q.scalar_type())};
 }
 

@@ -499,4 +499,62 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_dq_mma_kernel(A
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------
+// The materialised probabilities of shared attention, P = exp(scale Q K^T - lse) (0 where invisible), on
+// tensor cores: one block per (64 query rows, 64 keys, batch*head); Q and K tiles by cp.async, S by mma.sync
+// in float32, P written in the inputs' dtype. Replaces a float32 GEMM into a float32 (B, H, Tq, Tk) buffer
+// and a pass over it. p.o is the output here: (B, H, Tq, Tk) contiguous.
+// ---------------------------------------------------------------------------------------------
+inline size_t attention_mma_probs_smem(int D) { return sizeof(uint16_t) * size_t(2) * 64 * (D + 8); }
+
+template <class scalar_t, bool kBF16, int D>
+__global__ void __launch_bounds__(kAttnMmaThreads) attention_probs_mma_kernel(AttnParams<scalar_t, float> p) {
+#if KDK_TENSOR_CORES
+  constexpr int BM = 64, BN = 64, LD = D + 8, KS = D / 16, NT = BN / 8;
+  KDK_DYNAMIC_SMEM(kdk_attn_mma_smem, 16);
+  uint16_t* Qs = reinterpret_cast<uint16_t*>(kdk_attn_mma_smem);
+  uint16_t* Ks = Qs + BM * LD;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3, qw = warp * 16;
+  const int64_t bh = blockIdx.z, b = bh / p.H, h = bh % p.H, hk = h / p.group;
+  const int64_t n0 = int64_t(blockIdx.x) * BN, m0 = int64_t(blockIdx.y) * BM;
+  const bool* mp = p.mask ? p.mask + b * p.m_sb + h * p.m_sh : nullptr;
+  // a tile wholly after the causal diagonal is all zeros: no products
+  const bool any = !p.causal || n0 <= attn_min(m0 + BM - 1, p.Tq - 1) + p.off;
+  float s[NT][4];
+  for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < 4; ++i) s[j][i] = 0.f;
+  if (any) {
+    attn_mma_load<D>(Qs, p.q + b * p.q_sb + h * p.q_sh, p.q_st, m0, p.Tq, tid);
+    attn_mma_load<D>(Ks, p.k + b * p.k_sb + hk * p.k_sh, p.k_st, n0, p.Tk, tid);
+    tile::cp_async_commit();
+    tile::cp_async_wait<0>();
+    __syncthreads();
+    for (int kk = 0; kk < KS; ++kk) {  // S = Q K^T, K rows as the col-major B
+      uint32_t a[4];
+      tile::ldmatrix<4>(a, Qs + (qw + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + kk * 16 + 8 * (lane >> 4));
+      for (int j = 0; j < NT; j += 2) {
+        uint32_t f[4];
+        tile::ldmatrix<4>(f, Ks + (8 * j + (lane & 7) + 8 * (lane >> 4)) * LD + kk * 16 + 8 * ((lane >> 3) & 1));
+        const uint32_t b0[2] = {f[0], f[1]}, b1[2] = {f[2], f[3]};
+        tile::mma16816<kBF16>(s[j], a, b0, s[j]);
+        tile::mma16816<kBF16>(s[j + 1], a, b1, s[j + 1]);
+      }
+    }
+  }
+  for (int r = 0; r < 2; ++r) {
+    const int64_t gi = m0 + qw + g + 8 * r;
+    if (gi >= p.Tq) continue;
+    const float L = static_cast<float>(p.lse_in[bh * p.Tq + gi]);
+    scalar_t* prow = p.o + (bh * p.Tq + gi) * p.Tk;
+    for (int j = 0; j < NT; ++j)
+      for (int c = 0; c < 2; ++c) {
+        const int64_t gj = n0 + 8 * j + 2 * t + c;
+        if (gj >= p.Tk) continue;
+        const bool ok = any && L != neg_inf<float>() && attn_visible(p, mp, gi, gj);
+        prow[gj] = scalar_t(ok ? kexp(s[j][2 * r + c] * p.scale - L) : 0.f);
+      }
+  }
+#endif
+}
+
 }  // namespace kdk
