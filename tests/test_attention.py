@@ -682,3 +682,29 @@ def test_tensor_core_probs(device, dtype, D):
     ro = [shared_attention_ref(qr, kr, x, causal=True, mask=mask.cpu()) for x in (vr, vr * 0.5)]
     ref = torch.autograd.grad(sum((o * gi.double().cpu()).sum() for o, gi in zip(ro, g)), (qr, kr, vr))
     assert_grads_close(grads, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dt)
+@pytest.mark.parametrize("metric", ["js", "cosine"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_tensor_core_similarity(device, dtype, metric, D):
+    """attention_similarity on tensor cores (attention_similarity_mma_kernel): 70 rows (two row groups, the
+    second partial), GQA, causal, a mask with an empty row, against the float64 reference."""
+    emulated = getattr(device, "emulated", False)
+    if device == "cpu" and not emulated:
+        pytest.skip("the tensor-core path is a CUDA code path")
+    L, T = 3, (70 if emulated else 333)
+    base, kb = _randn(1, 4, T, D), _randn(1, 2, T, D)
+    qs = [(base + 0.5 * layer * _randn(1, 4, T, D)).to(dtype).to(device) for layer in range(L)]
+    ks = [(kb + 0.5 * layer * _randn(1, 2, T, D)).to(dtype).to(device) for layer in range(L)]
+    mask = random_mask(1, 4, T, T, device, empty_rows=((0, 2, 5),))
+    if emulated:
+        from kdkernels import _emu
+        _emu.reset_launch_counts()
+    S = attention_similarity(qs, ks, metric=metric, causal=True, mask=mask)
+    if emulated:
+        assert any("attention_similarity_mma_kernel" in n for n in _emu.launch_counts()), _emu.launch_counts()
+    ref = attention_similarity_ref([x.double().cpu() for x in qs], [x.double().cpu() for x in ks], metric=metric,
+                                   causal=True, mask=mask.cpu())
+    torch.testing.assert_close(S.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+    assert S[0, 1] > S[0, 2]

@@ -37,7 +37,7 @@ TENSOR_CORE_EXPECTED = [
      "token_relation.cuh: similarity tiles on mma.sync (m16n8k16 bf16/fp16, 3xTF32 m16n8k8 float32)"),
     (r"^trk::(relation|contrastive)_bwd_kernel<(__half|__nv_bfloat16|float),",
      "token_relation.cuh: gradient products G @ F on mma.sync m16n8k8 TF32 (accum_tile_mma)"),
-    (r"^attention_(fwd|bwd|bwd_dq|probs)_mma_kernel<",
+    (r"^attention_(fwd|bwd|bwd_dq|probs|similarity)_mma_kernel<",
      "attention_mma.cuh: every product of the FlashAttention-2-style forward and backward (and of the "
      "materialised probabilities) on mma.sync m16n8k16"),
     (r"^tile_mma(_tf32)?_check_kernel",
@@ -48,7 +48,7 @@ TENSOR_CORE_EXPECTED = [
 CP_ASYNC_EXPECTED = [
     (r"^trk::(relation|contrastive)_(fwd|bwd)_kernel<(__half|__nv_bfloat16|float),",
      "token_relation.cuh: double-buffered operand chunks (stage_pair, accum_tile_mma)"),
-    (r"^attention_(fwd|bwd|bwd_dq|probs)_mma_kernel<",
+    (r"^attention_(fwd|bwd|bwd_dq|probs|similarity)_mma_kernel<",
      "attention_mma.cuh: K/V (forward), Q/dO (backward), Q/K (probabilities) tiles"),
 ]
 

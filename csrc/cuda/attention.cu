@@ -272,6 +272,55 @@ bool try_mma_bwd_padded(const AttnNames& n, const AttnArgs& a, const at::Tensor&
 
 at::Tensor opt_mask(const c10::optional<at::Tensor>& mask);
 
+// attention_similarity on tensor cores (attention_similarity_mma_kernel) for float16 / bfloat16 with head_dim
+// 64 / 96 / 128 on sm_80+, when the L layers' probability tiles fit in shared memory: the per-block partial
+// sums (grid, npairs + 1); undefined otherwise (the SIMT kernel runs).
+at::Tensor similarity_mma(const SimArgs& a, const at::Tensor& qs, const at::Tensor& ks,
+                          const c10::optional<at::Tensor>& mask) {
+  at::Tensor partial;
+  const bool half = qs.scalar_type() == at::kHalf || qs.scalar_type() == at::kBFloat16;
+  if (!half || (a.D != 64 && a.D != 96 && a.D != 128)) return partial;
+#ifndef KDK_EMU
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return partial;
+#endif
+  const size_t smem = attention_mma_sim_smem(a.L, static_cast<int>(a.D));
+  if (smem > max_dynamic_smem_optin()) return partial;
+  const at::Tensor q = qs.contiguous(), k = ks.contiguous(), m = opt_mask(mask);
+  if (reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0 || reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 != 0)
+    return partial;
+  const int64_t npairs = a.L * (a.L + 1) / 2;
+  const int64_t ngroups = a.B * a.H * ((a.Tq + kSimMmaRows - 1) / kSimMmaRows);
+  const int64_t grid = std::min<int64_t>(ngroups, int64_t(num_sms()) * 4);
+  at::Tensor work = at::empty({grid, kSimMmaRows * npairs}, q.options().dtype(at::kFloat));
+  partial = at::zeros({grid, npairs + 1}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_similarity_cuda", [&] {
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      constexpr bool bf = std::is_same_v<scalar_t, at::BFloat16>;
+      SimParams<scalar_t, float> p{};
+      p.q = q.data_ptr<scalar_t>();
+      p.k = k.data_ptr<scalar_t>();
+      if (m.defined()) {
+        p.mask = m.data_ptr<bool>();
+        p.m_sb = m.stride(0); p.m_sh = m.stride(1); p.m_sq = m.stride(2); p.m_sk = m.stride(3);
+      }
+      p.work = work.data_ptr<float>();
+      p.partial = partial.data_ptr<float>();
+      p.L = a.L; p.B = a.B; p.H = a.H; p.Hk = a.Hk; p.Tq = a.Tq; p.Tk = a.Tk; p.group = a.group; p.off = a.off;
+      p.npairs = npairs; p.ngroups = ngroups;
+      p.D = static_cast<int>(a.D); p.BN = kSimMmaBN; p.causal = a.causal; p.cosine = a.cosine;
+      p.scale = static_cast<float>(a.scale);
+      auto run = [&](auto kernel) {
+        allow_smem(kernel, smem, "attention_similarity");
+        launch(kernel, static_cast<unsigned>(grid), kAttnMmaThreads, smem, p);
+      };
+      if (a.D == 64) run(attention_similarity_mma_kernel<scalar_t, bf, 64>);
+      else if (a.D == 96) run(attention_similarity_mma_kernel<scalar_t, bf, 96>);
+      else run(attention_similarity_mma_kernel<scalar_t, bf, 128>);
+    }
+  });
+  return partial;
+}
+
 // shared_attention_probs_fwd on tensor cores (attention_probs_mma_kernel) for float16 / bfloat16 q, k whose
 // head size and rows the tensor-core kernels take; false: the float32 GEMM path runs.
 bool probs_mma(const AttnArgs& a, const at::Tensor& q0, const at::Tensor& k0, const at::Tensor& lse,
@@ -525,7 +574,13 @@ at::Tensor attention_similarity_cuda(KDK_ATTENTION_SIMILARITY_ARGS) {
   const int64_t L = a.L, npairs = L * (L + 1) / 2;
   const int64_t ngroups = a.B * a.H * ((a.Tq + kSimRows - 1) / kSimRows);
   std::vector<double> total(static_cast<size_t>(npairs + 1), 0.0);
-  if (ngroups > 0 && a.Tk > 0) {
+  at::Tensor tc_partial;
+  if (ngroups > 0 && a.Tk > 0) tc_partial = similarity_mma(a, qs, ks, mask);
+  if (tc_partial.defined()) {
+    const at::Tensor tot = tc_partial.sum(at::IntArrayRef{0}, /*keepdim=*/false, at::kDouble).cpu();
+    const double* t = tot.data_ptr<double>();
+    std::copy(t, t + npairs + 1, total.begin());
+  } else if (ngroups > 0 && a.Tk > 0) {
     const at::Tensor q = qs.contiguous(), k = ks.contiguous(), m = opt_mask(mask);
     const int sms = num_sms();
     const int64_t grid = std::min<int64_t>(ngroups, int64_t(sms) * 8);

@@ -508,6 +508,27 @@ __device__ __forceinline__ void sim_pair(int64_t p, int64_t& a, int64_t& b) {
   b = p - x * (x + 1) / 2;
 }
 
+// One key's term of the pair (a, b) of a row: u w (cosine), or u log(u / m) + w log(w / m), m = (u + w) / 2
+// (2 JSD; 0 log 0 = 0).
+template <class acc_t> __device__ __forceinline__ acc_t sim_term(acc_t u, acc_t w, int cosine) {
+  if (cosine) return u * w;
+  if (!(u + w > acc_t(0))) return acc_t(0);
+  const acc_t lm = klog((u + w) * acc_t(0.5));
+  return (u > acc_t(0) ? u * (klog(u) - lm) : acc_t(0)) + (w > acc_t(0) ? w * (klog(w) - lm) : acc_t(0));
+}
+
+// A row's similarity of the pair pi = (a, b) from its summed terms wr[npairs]: the cosine, or 1 - JSD / ln 2
+// clamped to [0, 1].
+template <class acc_t>
+__device__ __forceinline__ acc_t sim_row(const acc_t* wr, int64_t pi, int64_t a, int64_t c, int cosine) {
+  if (cosine) {
+    const acc_t na = wr[a * (a + 1) / 2 + a], nb = wr[c * (c + 1) / 2 + c];
+    return (na > acc_t(0) && nb > acc_t(0)) ? wr[pi] / attn_sqrt(na * nb) : acc_t(0);
+  }
+  const acc_t sim = acc_t(1) - acc_t(0.5) * wr[pi] / acc_t(0.69314718055994530942);
+  return sim < acc_t(0) ? acc_t(0) : (sim > acc_t(1) ? acc_t(1) : sim);
+}
+
 template <class scalar_t, class acc_t>
 __global__ void __launch_bounds__(kAttnThreads) attention_similarity_kernel(SimParams<scalar_t, acc_t> p) {
   KDK_DYNAMIC_SMEM(kdk_attn_smem, 16);
@@ -594,15 +615,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_similarity_kernel(SimP
         const acc_t* pa = P + (a * R + r) * BN;
         const acc_t* pb = P + (c * R + r) * BN;
         acc_t t = 0;
-        for (int jj = 0; jj < nn; ++jj) {
-          const acc_t u = pa[jj], w = pb[jj];
-          if (p.cosine) {
-            t += u * w;
-          } else if (u + w > acc_t(0)) {
-            const acc_t lm = klog((u + w) * acc_t(0.5));
-            t += (u > acc_t(0) ? u * (klog(u) - lm) : acc_t(0)) + (w > acc_t(0) ? w * (klog(w) - lm) : acc_t(0));
-          }
-        }
+        for (int jj = 0; jj < nn; ++jj) t += sim_term(pa[jj], pb[jj], p.cosine);
         work[it] += t;
       }
     }
@@ -611,19 +624,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_similarity_kernel(SimP
       int64_t a, c;
       sim_pair(pi, a, c);
       acc_t total = 0;
-      for (int r = 0; r < rows; ++r) {
-        if (lse[r] == neg_inf<acc_t>()) continue;  // layer 0's row: no visible key (the same in every layer)
-        const acc_t* wr = work + int64_t(r) * np;
-        acc_t sim;
-        if (p.cosine) {
-          const acc_t na = wr[a * (a + 1) / 2 + a], nb = wr[c * (c + 1) / 2 + c];
-          sim = (na > acc_t(0) && nb > acc_t(0)) ? wr[pi] / attn_sqrt(na * nb) : acc_t(0);
-        } else {
-          sim = acc_t(1) - acc_t(0.5) * wr[pi] / acc_t(0.69314718055994530942);
-          sim = sim < acc_t(0) ? acc_t(0) : (sim > acc_t(1) ? acc_t(1) : sim);
-        }
-        total += sim;
-      }
+      for (int r = 0; r < rows; ++r)  // layer 0's row without a visible key has none in any layer
+        if (lse[r] != neg_inf<acc_t>()) total += sim_row(work + int64_t(r) * np, pi, a, c, p.cosine);
       partial[pi] += total;
     }
     if (tid == 0) {

@@ -20,13 +20,13 @@ namespace kdk {
 constexpr int kAttnMmaThreads = 128;  // 4 warps x 16 query rows
 constexpr int kAttnMmaBM = 64, kAttnMmaBN = 64;
 
-// 64 rows x D 16-bit values from src (row stride st, rows row0 ..) into dst (rows of D + 8) by cp.async, every
+// kRows rows x D 16-bit values from src (row stride st, rows row0 ..) into dst (rows of D + 8) by cp.async, every
 // thread of the block a share; rows at or past `valid` are zero-filled. The caller commits the group.
-template <int D, class scalar_t>
+template <int D, int kRows = 64, class scalar_t>
 __device__ __forceinline__ void attn_mma_load(uint16_t* dst, const scalar_t* src, int64_t st, int64_t row0,
                                               int64_t valid, int tid) {
   constexpr int CH = D / 8, LD = D + 8;
-  for (int idx = tid; idx < 64 * CH; idx += kAttnMmaThreads) {
+  for (int idx = tid; idx < kRows * CH; idx += kAttnMmaThreads) {
     const int r = idx / CH, c = idx % CH;
     const bool ok = row0 + r < valid;
     tile::cp_async16(dst + r * LD + c * 8, src + (ok ? row0 + r : 0) * st + c * 8, ok);
@@ -553,6 +553,149 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_probs_mma_kernel(At
         const bool ok = any && L != neg_inf<float>() && attn_visible(p, mp, gi, gj);
         prow[gj] = scalar_t(ok ? kexp(s[j][2 * r + c] * p.scale - L) : 0.f);
       }
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layer similarity on tensor cores (float16 / bfloat16, D in {64, 96, 128}): grid-stride over groups of 64
+// query rows of one (batch, head), 4 warps of 16 rows. Pass 1, per layer: Q_l's tile, K_l in tiles of 16
+// keys, S by mma.sync, the online (max, sum) of each row in registers -> the layer's LSE. Pass 2, per key
+// tile of 16: every layer's probability tile P_l = exp(scale S_l - lse_l) (S_l by mma.sync, Q_l re-read
+// from L2) into shared memory as float, then each (row, layer pair) term summed over the tile into the
+// block's workspace (one thread per term, so no atomics), the per-row similarity at the end. The pair terms,
+// L (L + 1) / 2 per element (a log each for JS), are the bound; the products no longer are.
+// ---------------------------------------------------------------------------------------------
+constexpr int kSimMmaRows = 64, kSimMmaBN = 16;
+
+inline size_t attention_mma_sim_smem(int64_t L, int D) {
+  return sizeof(uint16_t) * size_t(kSimMmaRows + kSimMmaBN) * (D + 8) +
+         sizeof(float) * size_t(L) * kSimMmaRows * (1 + kSimMmaBN);
+}
+
+template <class scalar_t, bool kBF16, int D>
+__global__ void __launch_bounds__(kAttnMmaThreads) attention_similarity_mma_kernel(SimParams<scalar_t, float> p) {
+#if KDK_TENSOR_CORES
+  constexpr int BM = kSimMmaRows, BN = kSimMmaBN, LD = D + 8, KS = D / 16, NT = BN / 8;
+  KDK_DYNAMIC_SMEM(kdk_attn_mma_smem, 16);
+  uint16_t* Qs = reinterpret_cast<uint16_t*>(kdk_attn_mma_smem);
+  uint16_t* Ks = Qs + BM * LD;
+  float* lse = reinterpret_cast<float*>(Ks + BN * LD);  // [L][BM]
+  float* P = lse + p.L * BM;                             // [L][BM][BN]
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3, qw = warp * 16;
+  const int64_t L = p.L, np = p.npairs, nrg = (p.Tq + BM - 1) / BM;
+  float* work = p.work + int64_t(blockIdx.x) * BM * np;
+  float* partial = p.partial + int64_t(blockIdx.x) * (np + 1);
+  const float ninf = neg_inf<float>();
+
+  for (int64_t grp = blockIdx.x; grp < p.ngroups; grp += gridDim.x) {
+    const int64_t bh = grp / nrg, r0 = (grp % nrg) * BM, b = bh / p.H, h = bh % p.H, hk = h / p.group;
+    const int rows = static_cast<int>(attn_min(BM, p.Tq - r0));
+    const int64_t kend = p.causal ? attn_clamp(r0 + rows + p.off, 0, p.Tk) : p.Tk;
+    const bool* mp = p.mask ? p.mask + b * p.m_sb + h * p.m_sh : nullptr;
+    for (int64_t it = tid; it < BM * np; it += kAttnMmaThreads) work[it] = 0.f;
+    auto load = [&](int64_t l, int64_t n0, bool q) {  // Q_l's rows (q) and K_l's 16 keys from n0, one group
+      if (q) attn_mma_load<D>(Qs, p.q + ((l * p.B + b) * p.H + h) * p.Tq * D, D, r0, p.Tq, tid);
+      attn_mma_load<D, BN>(Ks, p.k + ((l * p.B + b) * p.Hk + hk) * p.Tk * D, D, n0, p.Tk, tid);
+      tile::cp_async_commit();
+      tile::cp_async_wait<0>();
+      __syncthreads();
+    };
+    auto scores = [&](float (&s)[NT][4]) {  // this warp's 16 rows x the 16 keys, unscaled
+      for (int j = 0; j < NT; ++j)
+        for (int i = 0; i < 4; ++i) s[j][i] = 0.f;
+      for (int kk = 0; kk < KS; ++kk) {
+        uint32_t a[4], f[4];
+        tile::ldmatrix<4>(a, Qs + (qw + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + kk * 16 + 8 * (lane >> 4));
+        tile::ldmatrix<4>(f, Ks + ((lane & 7) + 8 * (lane >> 4)) * LD + kk * 16 + 8 * ((lane >> 3) & 1));
+        const uint32_t b0[2] = {f[0], f[1]}, b1[2] = {f[2], f[3]};
+        tile::mma16816<kBF16>(s[0], a, b0, s[0]);
+        tile::mma16816<kBF16>(s[1], a, b1, s[1]);
+      }
+    };
+    auto visible = [&](int64_t gi, int64_t gj) {
+      return gi < p.Tq && gj < kend && !(p.causal && gj > gi + p.off) && (mp == nullptr || mp[gi * p.m_sq + gj * p.m_sk]);
+    };
+    // pass 1: every layer's LSE of the group's rows
+    for (int64_t l = 0; l < L; ++l) {
+      float m[2] = {ninf, ninf}, sum[2] = {0.f, 0.f};
+      for (int64_t n0 = 0; n0 < kend; n0 += BN) {
+        __syncthreads();  // the previous tile's readers are done
+        load(l, n0, n0 == 0);
+        float s[NT][4];
+        scores(s);
+        for (int r = 0; r < 2; ++r) {
+          const int64_t gi = r0 + qw + g + 8 * r;
+          float x[NT * 2], tm = ninf;
+          for (int j = 0; j < NT; ++j)
+            for (int c = 0; c < 2; ++c) {
+              const float v = visible(gi, n0 + 8 * j + 2 * t + c) ? s[j][2 * r + c] * p.scale : ninf;
+              x[2 * j + c] = v;
+              tm = kmax(tm, v);
+            }
+          tm = kmax(tm, __shfl_xor_sync(0xffffffffu, tm, 1));  // the 4 lanes of a quad share the row
+          tm = kmax(tm, __shfl_xor_sync(0xffffffffu, tm, 2));
+          const float nm = kmax(m[r], tm);
+          if (nm == ninf) continue;
+          float e = 0.f;
+          for (int u = 0; u < 2 * NT; ++u) e += x[u] == ninf ? 0.f : kexp(x[u] - nm);
+          sum[r] = (m[r] == ninf ? 0.f : sum[r] * kexp(m[r] - nm)) + e;
+          m[r] = nm;
+        }
+      }
+      for (int r = 0; r < 2; ++r) {
+        float tot = sum[r];
+        tot += __shfl_xor_sync(0xffffffffu, tot, 1);
+        tot += __shfl_xor_sync(0xffffffffu, tot, 2);
+        if (t == 0) lse[l * BM + qw + g + 8 * r] = (m[r] == ninf || tot <= 0.f) ? ninf : m[r] + klog(tot);
+      }
+    }
+    // pass 2: probability tiles of every layer, then the pair terms over the tile
+    for (int64_t n0 = 0; n0 < kend; n0 += BN) {
+      for (int64_t l = 0; l < L; ++l) {
+        __syncthreads();  // the previous layer's (or tile's) readers of Qs, Ks and P are done
+        load(l, n0, true);
+        float s[NT][4];
+        scores(s);
+        for (int r = 0; r < 2; ++r) {
+          const int row = qw + g + 8 * r;
+          const float Lr = lse[l * BM + row];
+          for (int j = 0; j < NT; ++j)
+            for (int c = 0; c < 2; ++c) {
+              const int col = 8 * j + 2 * t + c;
+              const bool ok = Lr != ninf && visible(r0 + row, n0 + col);
+              P[(l * BM + row) * BN + col] = ok ? kexp(s[j][2 * r + c] * p.scale - Lr) : 0.f;
+            }
+        }
+      }
+      __syncthreads();
+      for (int64_t it = tid; it < BM * np; it += kAttnMmaThreads) {
+        const int r = static_cast<int>(it / np);
+        if (r >= rows) continue;
+        int64_t a, c;
+        sim_pair(it % np, a, c);
+        const float* pa = P + (a * BM + r) * BN;
+        const float* pb = P + (c * BM + r) * BN;
+        float acc = 0.f;
+        for (int jj = 0; jj < BN; ++jj) acc += sim_term(pa[jj], pb[jj], p.cosine);
+        work[it] += acc;
+      }
+    }
+    __syncthreads();  // every row's terms are complete (this block's global writes are visible to it)
+    for (int64_t pi = tid; pi < np; pi += kAttnMmaThreads) {
+      int64_t a, c;
+      sim_pair(pi, a, c);
+      float total = 0.f;
+      for (int r = 0; r < rows; ++r)
+        if (lse[r] != ninf) total += sim_row(work + int64_t(r) * np, pi, a, c, p.cosine);  // layer 0's row
+      partial[pi] += total;
+    }
+    if (tid == 0) {
+      int valid = 0;
+      for (int r = 0; r < rows; ++r) valid += lse[r] != ninf;
+      partial[np] += float(valid);
+    }
+    __syncthreads();  // the workspace and the LSEs are read before the next group rewrites them
   }
 #endif
 }
