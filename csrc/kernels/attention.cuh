@@ -529,6 +529,44 @@ __device__ __forceinline__ acc_t sim_row(const acc_t* wr, int64_t pi, int64_t a,
   return sim < acc_t(0) ? acc_t(0) : (sim > acc_t(1) ? acc_t(1) : sim);
 }
 
+// work[r * np + pair] += the pair's terms over the tile's n keys for every row r < rows: P holds each layer's
+// R x BN probability tile ([layer][row][key]); item it is always the same thread's, so no atomics.
+template <class acc_t>
+__device__ __forceinline__ void sim_tile_terms(const acc_t* P, int R, int BN, int n, int rows, int64_t np,
+                                               int cosine, acc_t* work, int tid, int nthreads) {
+  for (int64_t it = tid; it < R * np; it += nthreads) {
+    const int r = static_cast<int>(it / np);
+    if (r >= rows) continue;
+    int64_t a, c;
+    sim_pair(it % np, a, c);
+    const acc_t* pa = P + (a * R + r) * BN;
+    const acc_t* pb = P + (c * R + r) * BN;
+    acc_t t = 0;
+    for (int jj = 0; jj < n; ++jj) t += sim_term(pa[jj], pb[jj], cosine);
+    work[it] += t;
+  }
+}
+
+// After a group's last tile (and a barrier): each pair's similarity summed over the rows whose layer-0 LSE
+// (lse0[r]) is finite into partial[pair], and the count of those rows into partial[np].
+template <class acc_t>
+__device__ __forceinline__ void sim_group_finish(const acc_t* work, const acc_t* lse0, int rows, int64_t np,
+                                                 int cosine, acc_t* partial, int tid, int nthreads) {
+  for (int64_t pi = tid; pi < np; pi += nthreads) {
+    int64_t a, c;
+    sim_pair(pi, a, c);
+    acc_t total = 0;
+    for (int r = 0; r < rows; ++r)  // a row without a visible key in layer 0 has none in any layer
+      if (lse0[r] != neg_inf<acc_t>()) total += sim_row(work + int64_t(r) * np, pi, a, c, cosine);
+    partial[pi] += total;
+  }
+  if (tid == 0) {
+    int valid = 0;
+    for (int r = 0; r < rows; ++r) valid += lse0[r] != neg_inf<acc_t>();
+    partial[np] += acc_t(valid);
+  }
+}
+
 template <class scalar_t, class acc_t>
 __global__ void __launch_bounds__(kAttnThreads) attention_similarity_kernel(SimParams<scalar_t, acc_t> p) {
   KDK_DYNAMIC_SMEM(kdk_attn_smem, 16);
@@ -608,31 +646,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_similarity_kernel(SimP
         }
       }
       __syncthreads();
-      for (int64_t it = tid; it < R * np; it += kAttnThreads) {
-        const int r = static_cast<int>(it / np);
-        int64_t a, c;
-        sim_pair(it % np, a, c);
-        const acc_t* pa = P + (a * R + r) * BN;
-        const acc_t* pb = P + (c * R + r) * BN;
-        acc_t t = 0;
-        for (int jj = 0; jj < nn; ++jj) t += sim_term(pa[jj], pb[jj], p.cosine);
-        work[it] += t;
-      }
+      sim_tile_terms(P, R, BN, nn, rows, np, p.cosine, work, tid, kAttnThreads);
     }
     __syncthreads();  // every row's terms are complete (global writes of this block are visible)
-    for (int64_t pi = tid; pi < np; pi += kAttnThreads) {
-      int64_t a, c;
-      sim_pair(pi, a, c);
-      acc_t total = 0;
-      for (int r = 0; r < rows; ++r)  // layer 0's row without a visible key has none in any layer
-        if (lse[r] != neg_inf<acc_t>()) total += sim_row(work + int64_t(r) * np, pi, a, c, p.cosine);
-      partial[pi] += total;
-    }
-    if (tid == 0) {
-      int valid = 0;
-      for (int r = 0; r < rows; ++r) valid += lse[r] != neg_inf<acc_t>();
-      partial[np] += acc_t(valid);
-    }
+    sim_group_finish(work, lse, rows, np, p.cosine, partial, tid, kAttnThreads);
     __syncthreads();  // the workspace is read before the next group clears it
   }
 }

@@ -669,32 +669,10 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_similarity_mma_kern
         }
       }
       __syncthreads();
-      for (int64_t it = tid; it < BM * np; it += kAttnMmaThreads) {
-        const int r = static_cast<int>(it / np);
-        if (r >= rows) continue;
-        int64_t a, c;
-        sim_pair(it % np, a, c);
-        const float* pa = P + (a * BM + r) * BN;
-        const float* pb = P + (c * BM + r) * BN;
-        float acc = 0.f;
-        for (int jj = 0; jj < BN; ++jj) acc += sim_term(pa[jj], pb[jj], p.cosine);
-        work[it] += acc;
-      }
+      sim_tile_terms(P, BM, BN, BN, rows, np, p.cosine, work, tid, kAttnMmaThreads);
     }
     __syncthreads();  // every row's terms are complete (this block's global writes are visible to it)
-    for (int64_t pi = tid; pi < np; pi += kAttnMmaThreads) {
-      int64_t a, c;
-      sim_pair(pi, a, c);
-      float total = 0.f;
-      for (int r = 0; r < rows; ++r)
-        if (lse[r] != ninf) total += sim_row(work + int64_t(r) * np, pi, a, c, p.cosine);  // layer 0's row
-      partial[pi] += total;
-    }
-    if (tid == 0) {
-      int valid = 0;
-      for (int r = 0; r < rows; ++r) valid += lse[r] != ninf;
-      partial[np] += float(valid);
-    }
+    sim_group_finish(work, lse, rows, np, p.cosine, partial, tid, kAttnMmaThreads);
     __syncthreads();  // the workspace and the LSEs are read before the next group rewrites them
   }
 #endif
