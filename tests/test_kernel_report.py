@@ -199,6 +199,13 @@ def test_check_flags_missing_arch():
     assert problems == ["sm_80: no cubin in the extension, though the build was asked for it"]
 
 
+def test_blocks_per_sm():
+    # 87 KB forward tiles at D = 128: two blocks on an sm_90 SM, one on sm_80; registers can be the limit
+    assert kr.blocks_per_sm(90, 87040, 168) == 2 and kr.blocks_per_sm(80, 87040, 168) == 1
+    assert kr.blocks_per_sm(90, 8192, 255) == 2  # 256 registers x 128 threads: two blocks of 65536
+    assert kr.blocks_per_sm(90, 1024, 32) == 16  # 64 warps per SM
+
+
 def test_parse_archs():
     assert kr.parse_archs("80,90") == [80, 90]
     assert kr.parse_archs("8.0;9.0+PTX") == [80, 90]

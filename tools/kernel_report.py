@@ -274,6 +274,62 @@ REGEN = ('TORCH_CUDA_ARCH_LIST="8.0;9.0" KDKERNELS_FORCE_CUDA=1 python setup.py 
          'python tools/kernel_report.py --check --archs 80,90   # CI: budgets only, exit 1 on a violation')
 
 
+# Shared memory per SM and the 1 KiB each block reserves, by architecture (CUDA C Programming Guide, compute
+# capabilities 8.0 and 9.0); 64 warps per SM, 65536 registers.
+SMEM_PER_SM = {80: 167936, 90: 233472}
+SMEM_RESERVED = 1024
+THREADS_MMA = 128  # every tensor-core kernel: 4 warps
+
+
+def smem_table():
+    """(kernel, head size, dynamic shared memory bytes) of the tensor-core launchers, from kdkernels._emu (the
+    launchers' own size functions compiled for the host); [] when the emulator is not built."""
+    sys.path.insert(0, ROOT)
+    try:
+        from kdkernels import _emu
+    except ImportError:
+        return []
+    finally:
+        sys.path.pop(0)
+    table = getattr(_emu, "smem_table", None)  # an emulator built before the table existed: no section
+    return [tuple(r) for r in table()] if table else []
+
+
+def blocks_per_sm(arch, smem, regs, threads=THREADS_MMA):
+    """Resident blocks per SM, the smaller of the shared-memory and register limits (and 64 warps)."""
+    by_smem = SMEM_PER_SM[arch] // (smem + SMEM_RESERVED)
+    by_regs = 65536 // (((regs + 7) // 8) * 8 * threads) if regs else 64
+    return min(by_smem, by_regs, 64 * 32 // threads)
+
+
+def occupancy_lines(kernels, table):
+    """The markdown section: per tensor-core kernel and head size, bytes per block and blocks per SM."""
+    if not table:
+        return []
+    archs = sorted(a for a in {k.arch for k in kernels} if a in SMEM_PER_SM)
+    lines = ["", "## Dynamic shared memory and blocks per SM (tensor-core kernels)", "",
+             "Bytes per block from the launchers' own size functions (`kdkernels._emu.smem_table()`); blocks "
+             "per SM = min(shared memory per SM / (bytes + 1 KiB), 65536 registers / (registers x 128 threads), "
+             "16), with the most registers any instantiation of the kernel uses on that arch. 0: the block does not fit "
+             "that arch; the launcher then takes its fallback (gradient rows in global memory, fewer layers per "
+             "launch, or the SIMT kernel).", "",
+             "| kernel | head size | bytes / block | " + " | ".join(f"regs sm_{a} | blocks / SM sm_{a}" for a in archs)
+             + " |", "|---|--:|--:|" + "--:|--:|" * len(archs)]
+    for name, d, nbytes in table:
+        base = name.split(" ")[0]
+        cells = []
+        for a in archs:
+            if base.startswith("attention"):
+                rx = re.escape(base) + rf"<[^>]*\b{d}\b"  # the instantiation of that head size
+            else:
+                rx = re.escape(base) + ("<(__half|__nv_bfloat16)," if "16-bit" in name else "<float,")
+            regs = max((int(k.res.get("REG", 0)) for k in kernels if k.arch == a and re.search(rx, k.name)),
+                       default=0)
+            cells.append(f"{regs or '?'} | {blocks_per_sm(a, nbytes, regs)}")
+        lines.append(f"| `{name}` | {d} | {nbytes} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(kernels, toolkits, so_name):
     lines = [
         "# GPU kernels: registers, spills, shared memory, tensor-core use",
@@ -292,7 +348,8 @@ def render(kernels, toolkits, so_name):
         "against an `-Xptxas -v` build log), unless a "
         "kernel indexes a local array at run time, which would show here too. **stack**: stack frame bytes "
         "per thread. **smem**: static shared memory per block; on sm_90 the cubin counts the 1 KiB per-block "
-        "system reservation in it. The kernels' dynamic shared memory is sized at launch and not shown.",
+        "system reservation in it. The kernels' dynamic shared memory is sized at launch: the last section "
+        "lists it for the tensor-core kernels, with the blocks per SM it allows.",
         "- **MMA**: tensor-core instructions (`HMMA`, `HGMMA`; `HFMA2.MMA` is not one). **LDGSTS**: "
         "`cp.async` copies. **LDSM**: `ldmatrix` loads. All are static instruction counts in the SASS.",
         "- `--check` fails on a spill over budget, a tensor-core kernel without MMAs, or a missing arch; the "
@@ -314,6 +371,7 @@ def render(kernels, toolkits, so_name):
                          f"{r.get('SHARED', '?')} | {k.tensor_ops} | {k.ops.get('LDGSTS', 0)} | "
                          f"{k.ops.get('LDSM', 0)} |")
             prev = fam
+    lines += occupancy_lines(kernels, smem_table())
     return "\n".join(lines) + "\n"
 
 

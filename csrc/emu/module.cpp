@@ -9,6 +9,11 @@
 
 TORCH_LIBRARY(kdkernels_emu, m) { kdk::define_ops(m); }
 
+namespace kdk {
+std::vector<std::tuple<std::string, int64_t, int64_t>> attention_smem_table();       // emu/attention.cpp
+std::vector<std::tuple<std::string, int64_t, int64_t>> token_relation_smem_table();  // emu/token_relation.cpp
+}  // namespace kdk
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kdkernels' CUDA launchers and kernels on a host emulation of the CUDA execution model";
   m.def("set_device", [](int arch, int64_t max_smem_optin, int num_sms) {
@@ -25,5 +30,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     py::arg("num_sms") = d.num_sms);
   }, "The emulated device's limits");
   m.def("launch_counts", &kdk_emu::launch_counts, "Emulated launches per kernel since the last reset");
+  m.def("smem_table", [] {
+    auto t = kdk::attention_smem_table();
+    for (auto& row : kdk::token_relation_smem_table()) t.push_back(row);
+    return t;
+  }, "(kernel, head size, dynamic shared memory bytes per block) of the tensor-core launchers, from their own "
+     "size functions");
   m.def("reset_launch_counts", &kdk_emu::reset_launch_counts);
 }
