@@ -1,9 +1,11 @@
 """Tiny deterministic teachers and data for the teacher-cache tests; also run as a script by the crash tests:
 
-    python cache_helpers.py OUT_DIR [--delay S] [--kill-at POINT]
+    python cache_helpers.py OUT_DIR [--delay S] [--kill-at POINT [--kill-rank R]]
 
 builds the standard test cache into OUT_DIR (sleeping S seconds per teacher call; with --kill-at, the
 process SIGKILLs itself the first time the build reaches POINT, see kdkernels.cache._format._fault_hook).
+Under torchrun each rank runs it: the multi-rank build (kdkernels/cache/distributed.py); OUT_DIR may hold
+{rank} for per-rank directories.
 """
 import argparse
 import os
@@ -73,11 +75,12 @@ def main(argv=None):
     p.add_argument("out")
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--kill-at", default=None)
+    p.add_argument("--kill-rank", type=int, default=None, help="under torchrun: only this rank kills itself")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from kdkernels.cache import _format, build_cache
 
-    if args.kill_at:
+    if args.kill_at and (args.kill_rank is None or int(os.environ.get("RANK", "0")) == args.kill_rank):
         def hook(point):
             if point == args.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -33,6 +33,8 @@ from . import _format
 from ._format import (CONFIG_KEYS, FORMAT, ID_ENCODINGS, INDEX, SHARD_PREFIX, TMP_PREFIX, VALUE_DTYPES, VERSION,
                       CacheError, _p, fsync_dir, id_bits, pack_ids, plan_shards, read_index, shard_files,
                       shard_name, token_dtype_for, write_index, write_npy)
+from .distributed import (broadcast, finish_index, gather, progress_name, read_progress, recorded, world_and_rank,
+                          write_progress)
 from .tokens import TokenData
 
 ProgressFn = Callable[[int, int], None]
@@ -180,7 +182,20 @@ def build_cache(
         if int(val) < 1:
             raise ValueError(_p(f"{name} must be >= 1: got {val}"))
 
-    root = os.path.abspath(path)
+    world, rank, ours = world_and_rank()
+    per_rank = "{rank}" in str(path)
+    root = os.path.abspath(str(path).replace("{rank}", str(rank)))
+    if world > 1 or per_rank or (os.path.isdir(root) and read_progress(root)):
+        try:  # several ranks (or a build they left): kdkernels/cache/distributed.py
+            return _build_ranks(root, per_rank, world, rank, teacher, data, k=k, temperature=temperature,
+                                value_dtype=value_dtype, id_encoding=id_encoding, store_lse=store_lse,
+                                vocab_size=vocab_size, tokenizer_hash=tokenizer_hash, teacher_name=teacher_name,
+                                batch_size=batch_size, batch_tokens=batch_tokens, shard_tokens=shard_tokens,
+                                device=device, progress=progress)
+        finally:
+            if ours:
+                import torch.distributed as dist
+                dist.destroy_process_group()
     _refuse_foreign(root)
     os.makedirs(root, exist_ok=True)
     with _BuildLock(root):
@@ -195,16 +210,17 @@ LOCK = ".lock"
 
 def _refuse_foreign(root: str) -> None:
     if os.path.isdir(root) and not os.path.exists(os.path.join(root, INDEX)) and any(
-            not n.startswith(TMP_PREFIX) and n != LOCK for n in os.listdir(root)):
+            not n.startswith(TMP_PREFIX) and not n.startswith(LOCK) for n in os.listdir(root)):
         raise CacheError(_p(f"{root} exists, is not empty and holds no {INDEX}: refusing to build a "
                             "teacher cache into it (choose a new or empty directory)"))
 
 
 class _BuildLock:
-    """An exclusive flock on root/.lock: two builds never write one cache (the OS drops it if the process dies)."""
+    """An exclusive flock on root/.lock (or root/<name>): two builds never write one cache (the OS drops it if
+    the process dies)."""
 
-    def __init__(self, root: str):
-        self.path, self.fd = os.path.join(root, LOCK), None
+    def __init__(self, root: str, name: str = LOCK):
+        self.path, self.fd = os.path.join(root, name), None
 
     def __enter__(self):
         self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
@@ -285,8 +301,9 @@ def _open_or_create(root, call, dev, data: TokenData, **cfg) -> dict:
         if diffs:
             raise CacheError(_p(f"{index_path} was started with other settings: {'; '.join(diffs)}. Resume with the "
                                 "same teacher, data and options, or build into a new directory"))
-        _clean(root, {s["name"] for s in index["shards"]})
-        for s in index["shards"]:  # a committed shard must still be there, whole (sizes; `verify` hashes)
+        progress = list(read_progress(root).values())  # shards a multi-rank build committed
+        _clean(root, {s["name"] for s in index["shards"] + progress})
+        for s in index["shards"] + progress:  # a committed shard must still be there, whole (sizes; `verify` hashes)
             for fname, meta in s["files"].items():
                 f = os.path.join(root, s["name"], fname)
                 size = os.path.getsize(f) if os.path.exists(f) else None
@@ -296,6 +313,9 @@ def _open_or_create(root, call, dev, data: TokenData, **cfg) -> dict:
                                         "or rebuild the cache"))
         return index
     _clean(root, set())
+    for name in os.listdir(root):  # progress files without an index belong to no cache
+        if name.startswith("progress-rank"):
+            os.remove(os.path.join(root, name))
     index = {"format": FORMAT, "version": VERSION, "config": config, "teacher": cfg["teacher_name"],
              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "complete": False, "shards": []}
     write_index(root, index)
@@ -334,6 +354,91 @@ def _run(root, index, call, dev, data: TokenData, batch_size, batch_tokens, prog
     return BuildReport(path=root, num_sequences=len(data), num_tokens=total, num_shards=len(plan),
                        resumed_shards=done, built_tokens=built, seconds=seconds, bytes=_dir_bytes(root, index),
                        vocab_size=cfg["vocab_size"], k=cfg["k"])
+
+
+def _build_ranks(root, per_rank, world, rank, teacher, data, *, batch_size, batch_tokens, device, progress, **cfg):
+    """One rank of a multi-rank build (see kdkernels/cache/distributed.py): rank 0 (every rank, with per-rank
+    directories) prepares the directory, each rank computes the shards i with i % world == rank that no
+    progress file or index holds yet, and rank 0 writes the final index once all are done."""
+    call, dev = _Teacher(teacher), _device_of(teacher, device)
+    was_training = teacher.training if isinstance(teacher, torch.nn.Module) else None
+    if was_training:
+        teacher.eval()
+    lead = rank == 0 or per_rank
+    locks = []
+    try:
+        index, err = None, None
+        if lead:
+            try:
+                _refuse_foreign(root)
+                os.makedirs(root, exist_ok=True)
+                locks.append(_BuildLock(root).__enter__())
+                index = _open_or_create(root, call, dev, data, k=int(cfg["k"]), **_cfg_rest(cfg))
+            except Exception as e:  # every rank must hear of it, or the others wait at the barrier forever
+                err = f"rank {rank}: {e}"
+        errs = [e for e in gather(err, world) if e]
+        if errs:
+            raise CacheError(errs[0] if errs[0].startswith("kdkernels.cache") else _p(errs[0]))
+        if not per_rank:
+            index = broadcast(index, world)
+            if rank != 0:
+                locks.append(_BuildLock(root, f"{LOCK}.rank{rank}").__enter__())
+        conf = index["config"]
+        plan = plan_shards(data.lengths, conf["shard_tokens"])
+        if conf["dataset_hash"] != data.fingerprint():
+            raise CacheError(_p(f"rank {rank} was given other data than rank 0 (dataset hash {data.fingerprint()} "
+                                f"!= {conf['dataset_hash']})"))
+        done = recorded(root, index)
+        mine = _own_file(root, rank)
+        own = {si: rec for si, rec in read_progress(root).items() if si in mine}
+        pending = [si for si in range(len(plan)) if si % world == rank and si not in done]
+        total = sum(plan[si][2] for si in pending)
+        t0, built = time.perf_counter(), 0
+        if progress is not None:
+            progress(0, total)
+        for si in pending:
+            first, count, ntok = plan[si]
+            arrays = _compute_shard(call, dev, data, conf, first, count, ntok, batch_size, batch_tokens,
+                                    lambda n: progress(built + n, total) if progress is not None else None)
+            own[si] = _commit_shard(root, si, arrays, first, count, ntok)
+            write_progress(root, rank, own)
+            _format._fault_hook("progress_written")
+            built += ntok
+        gather(None, world)  # every rank has committed its shards
+        complete = False
+        if rank == 0 and not per_rank:
+            complete = finish_index(root, index, recorded(root, index), len(plan))
+        complete = broadcast(complete, world)  # nobody returns before the index is final
+        if not per_rank and not complete:
+            raise CacheError(_p(f"{root}: some shard of the plan is missing after every rank finished; rerun the build"))
+        records = recorded(root, read_index(root))
+        return BuildReport(path=root, num_sequences=len(data), num_tokens=data.num_tokens, num_shards=len(plan),
+                           resumed_shards=len(done), built_tokens=built, seconds=time.perf_counter() - t0,
+                           bytes=sum(f["bytes"] for r in records.values() for f in r["files"].values()),
+                           vocab_size=conf["vocab_size"], k=conf["k"])
+    finally:
+        for lock in reversed(locks):
+            lock.__exit__(None, None, None)
+        if was_training:
+            teacher.train()
+
+
+def _cfg_rest(cfg: dict) -> dict:
+    """build_cache's options as _open_or_create takes them."""
+    return dict(temperature=float(cfg["temperature"]), value_dtype=cfg["value_dtype"],
+                id_encoding=cfg["id_encoding"], store_lse=bool(cfg["store_lse"]), vocab_size=cfg["vocab_size"],
+                tokenizer_hash=cfg["tokenizer_hash"], teacher_name=cfg["teacher_name"],
+                shard_tokens=int(cfg["shard_tokens"]))
+
+
+def _own_file(root: str, rank: int) -> set:
+    """The shard indices this rank's own progress file records (kept when it rewrites the file)."""
+    path = os.path.join(root, progress_name(rank))
+    if not os.path.exists(path):
+        return set()
+    import json
+    with open(path) as f:
+        return {int(si) for si in json.load(f)["shards"]}
 
 
 def _values_to_numpy(v: torch.Tensor, value_dtype: str) -> np.ndarray:

@@ -21,6 +21,12 @@ token data (--tokens, --lengths), integer .npy files (see docs/cache.md):
 
 Running the same command again resumes an interrupted build.
 
+many processes and machines (docs/cache.md, "Many processes"): run it under torchrun, e.g.
+  torchrun --nnodes 2 --nproc-per-node 8 -m kdkernels cache build ... --out /shared/cache
+shard i goes to rank i % world, rank 0 writes the index when all are done; a rerun keeps every finished
+shard whatever the world size. Without a shared filesystem use --out 'cache-{rank}' and join the
+directories with `kdkernels cache merge`.
+
 example:
   kdkernels cache build --teacher ./teacher --tokens tokens.npy --lengths lengths.npy \\
       --out cache/ --k 64 --temperature 1.0
@@ -120,7 +126,8 @@ def _build(args) -> int:
     if args.device is None:
         import torch
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        local = os.environ.get("LOCAL_RANK")  # torchrun: one GPU per process
+        args.device = (f"cuda:{local}" if local is not None else "cuda") if torch.cuda.is_available() else "cpu"
     try:
         data = load_tokens(args.tokens, args.lengths)
         model, name, thash = _load_teacher(args.teacher, args.device, args.teacher_dtype)
@@ -143,6 +150,20 @@ def _build(args) -> int:
     print(f"cache {report.path}: {report.num_shards} shards, {report.num_sequences:,} sequences, "
           f"{report.num_tokens:,} tokens, {report.bytes:,} bytes, {report.bytes_per_token:.1f} bytes/token "
           f"(V={report.vocab_size}, k={report.k})")
+    return 0
+
+
+def _merge(args) -> int:
+    from ._format import CacheError
+    from .distributed import merge_caches
+
+    try:
+        index = merge_caches(args.out, args.sources)
+    except CacheError as e:
+        return _err(str(e).removeprefix("kdkernels.cache: "))
+    n = sum(s["num_tokens"] for s in index["shards"])
+    print(f"merged {len(args.sources)} directories into {os.path.abspath(args.out)}: {len(index['shards'])} shards, "
+          f"{n:,} tokens (check it with `kdkernels cache verify {args.out}`)")
     return 0
 
 
@@ -217,11 +238,11 @@ def _inspect(args) -> int:
 
 
 def add_parser(sub) -> None:
-    """Add `cache {build,verify,inspect}` to the subparsers of `python -m kdkernels`."""
+    """Add `cache {build,merge,verify,inspect}` to the subparsers of `python -m kdkernels`."""
     p = sub.add_parser("cache", help="build, verify or inspect an offline teacher cache (top-k log-probs per token)",
                        description="An offline teacher cache: the teacher's top-k log-probs per token, computed once, "
                        "memory-mapped by every student run (format: docs/cache.md).")
-    verbs = p.add_subparsers(dest="verb", required=True, metavar="{build,verify,inspect}")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="{build,merge,verify,inspect}")
     fmt = argparse.RawDescriptionHelpFormatter
 
     b = verbs.add_parser("build", help="run a teacher over token data once and store its top-k (resumable)",
@@ -255,6 +276,13 @@ def add_parser(sub) -> None:
                    help="dtype to run the teacher in (default: as saved)")
     b.add_argument("--quiet", action="store_true", help="no progress output")
     b.set_defaults(fn=_build)
+
+    m = verbs.add_parser("merge", help="join cache directories built apart (--out 'dir-{rank}') into one",
+                         description="Join the directories of one cache built by ranks without a shared filesystem "
+                         "(build --out 'dir-{rank}') into a new directory: same configuration, every shard once.")
+    m.add_argument("out", metavar="OUT", help="new cache directory")
+    m.add_argument("sources", nargs="+", metavar="DIR", help="the per-rank directories")
+    m.set_defaults(fn=_merge)
 
     v = verbs.add_parser("verify", help="check every shard's size and blake2b checksum against the index",
                          description="Check every shard file of a teacher cache (size, blake2b checksum, array "
