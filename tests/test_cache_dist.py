@@ -97,3 +97,33 @@ def test_per_rank_directories_merge(reference, tmp_path, capsys):
     assert verify_cache(str(tmp_path / "merged")) == []
     with pytest.raises(CacheError, match="is not empty"):
         merge_caches(str(tmp_path / "merged"), parts)
+
+
+def test_batches_per_rank(reference):
+    """DistributedSampler's semantics: disjoint equal slices per rank covering the epoch (padded by repeating,
+    or cut with drop_last), a new order per epoch, resumable from a step."""
+    cache = TeacherCache(reference)
+    n = len(cache)  # 60
+    for world in (2, 4, 7):
+        for drop_last in (False, True):
+            seen = []
+            for rank in range(world):
+                got = [b for b in cache.batches(3, shuffle=True, seed=5, epoch=1, rank=rank, world_size=world,
+                                                drop_last=drop_last)]
+                seen.append([int(i) for b in got for i in b.index])
+            per = n // world if drop_last else -(-n // world)
+            assert all(len(s) == per - (per % 3 if drop_last else 0) for s in seen)
+            flat = [i for s in seen for i in s]
+            if drop_last:
+                assert len(set(flat)) == len(flat)  # disjoint
+            else:
+                assert set(flat) == set(range(n)) and len(flat) == per * world
+    e0 = [int(i) for b in cache.batches(4, shuffle=True, rank=0, world_size=2) for i in b.index]
+    e1 = [int(i) for b in cache.batches(4, shuffle=True, rank=0, world_size=2, epoch=1) for i in b.index]
+    assert e0 != e1 and e0 == [int(i) for b in cache.batches(4, shuffle=True, rank=0, world_size=2)
+                               for i in b.index]
+    full = list(cache.batches(4, shuffle=True, rank=1, world_size=2))
+    resumed = list(cache.batches(4, shuffle=True, rank=1, world_size=2, start=3))
+    assert [b.index.tolist() for b in resumed] == [b.index.tolist() for b in full[3:]]
+    with pytest.raises(CacheError, match="rank must be in"):
+        next(cache.batches(4, rank=2, world_size=2))

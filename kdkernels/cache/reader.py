@@ -262,18 +262,42 @@ class TeacherCache:
         return CacheBatch(input_ids, mask, lengths, targets, values, ids, lse, torch.tensor(indices, dtype=torch.long))
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-                indices: Optional[Sequence[int]] = None, pad_id: int = 0) -> Iterator[CacheBatch]:
-        """Iterate over padded batches of sequences (all of them, or `indices`), in order or shuffled by `seed`."""
+                indices: Optional[Sequence[int]] = None, pad_id: int = 0, epoch: int = 0,
+                rank: Optional[int] = None, world_size: Optional[int] = None, start: int = 0) -> Iterator[CacheBatch]:
+        """Iterate over padded batches of sequences (all of them, or `indices`), in order or shuffled by
+        `seed + epoch`.
+
+        Several data-parallel ranks (DistributedSampler's semantics): each rank gets every world_size-th
+        sequence of the epoch's order from its rank on, a disjoint slice of equal length (the order is padded
+        by repeating its start, or with drop_last cut, to a multiple of world_size). rank / world_size default
+        to the initialised torch.distributed group's, else 0 / 1; pass world_size=1 to read everything.
+        start: skip this many batches (resume an epoch from a step).
+        """
+        world, r = _data_parallel(rank, world_size)
         order = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
         if shuffle:
-            order = np.random.default_rng(seed).permutation(order)
+            order = np.random.default_rng(seed + epoch).permutation(order)
+        if world > 1 and len(order):
+            per = len(order) // world if drop_last else -(-len(order) // world)
+            order = np.resize(order, per * world)[r::world]  # np.resize repeats from the start
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
-        for lo in range(0, stop, batch_size):
+        for lo in range(int(start) * batch_size, stop, batch_size):
             yield self.batch(order[lo:lo + batch_size], pad_id=pad_id)
 
     def dataset(self) -> "CacheDataset":
         """A torch Dataset of {'input_ids', 'cache_index'} (for DataLoader / Hugging Face Trainer + CacheCollator)."""
         return CacheDataset(self)
+
+
+def _data_parallel(rank: Optional[int], world_size: Optional[int]):
+    """(world, rank): the arguments, else the initialised torch.distributed group's, else (1, 0)."""
+    if world_size is None and rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    world = 1 if world_size is None else int(world_size)
+    r = 0 if rank is None else int(rank)
+    if world < 1 or not 0 <= r < world:
+        raise CacheError(_p(f"batches: rank must be in [0, world_size): got rank {r}, world_size {world}"))
+    return world, r
 
 
 class CacheDataset(torch.utils.data.Dataset):
