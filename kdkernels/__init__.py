@@ -58,11 +58,12 @@ __all__ += ["DistillationLoss", "TeacherTargets"]
 __all__ += ["token_relation_loss", "token_contrastive_loss", "TokenRelationLoss", "TokenContrastiveLoss",
             "sample_tokens"]
 
-from .linear import LinearTopKKLDivLoss, linear_distill_loss, linear_teacher_topk, linear_topk_kl_div  # noqa: E402
+from .linear import LinearDistillLoss, LinearTopKKLDivLoss, linear_distill_loss, linear_teacher_topk  # noqa: E402
+from .linear import linear_topk_kl_div  # noqa: E402
 from .parallel import vocab_parallel_linear_topk_kl_div, vocab_parallel_topk_kl_div  # noqa: E402
 
 __all__ += ["linear_topk_kl_div", "linear_distill_loss", "linear_teacher_topk", "LinearTopKKLDivLoss",
-            "vocab_parallel_topk_kl_div", "vocab_parallel_linear_topk_kl_div"]
+            "LinearDistillLoss", "vocab_parallel_topk_kl_div", "vocab_parallel_linear_topk_kl_div"]
 
 from .functional import SharedAttentionGroup, attention, shared_attention, shared_attention_probs  # noqa: E402
 from . import echoatt  # noqa: E402,F401  (kdkernels.echoatt: layer similarity, groups, EchoAttention, conversion)
