@@ -22,10 +22,11 @@ directory renames (a shard is a directory that appears atomically).
 from ._format import CacheError, id_bits, pack_ids, unpack_ids
 from .build import BuildReport, build_cache, tokenizer_hash
 from .distributed import merge_caches
+from .served import ServedTeacher
 from .reader import CacheBatch, CacheCollator, CacheDataset, TeacherCache, open_cache, verify_cache
 from .tokens import TokenData, load_tokens, save_tokens
 
-__all__ = ["build_cache", "merge_caches", "BuildReport", "TeacherCache", "open_cache", "verify_cache", "CacheBatch", "CacheDataset",
+__all__ = ["build_cache", "merge_caches", "ServedTeacher", "BuildReport", "TeacherCache", "open_cache", "verify_cache", "CacheBatch", "CacheDataset",
            "CacheCollator",
            "CacheError", "TokenData", "load_tokens", "save_tokens", "tokenizer_hash", "pack_ids", "unpack_ids",
            "id_bits"]

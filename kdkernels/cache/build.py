@@ -172,6 +172,13 @@ def build_cache(
     """
     if not isinstance(data, TokenData):
         data = TokenData.from_sequences(data)
+    if hasattr(teacher, "topk_logprobs"):  # a served teacher (kdkernels.cache.ServedTeacher): top-k only
+        if float(temperature) != 1.0 or store_lse:
+            raise ValueError(_p("a served teacher returns top-k log-probs of its raw distribution: it can fill a cache "
+                                "at temperature 1.0 without store_lse only (a tempered log-softmax and the "
+                                "log-sum-exp need the full vocabulary)"))
+        if vocab_size is None:
+            vocab_size = teacher.vocab_size
     if value_dtype not in VALUE_DTYPES:
         raise ValueError(_p(f"value_dtype must be one of {', '.join(VALUE_DTYPES)}: got '{value_dtype}'"))
     if id_encoding not in ID_ENCODINGS:
@@ -460,6 +467,16 @@ def _compute_shard(call, dev, data: TokenData, cfg, first, count, ntok, batch_si
     out["tokens.npy"][:] = data.tokens[data.offsets[first]:data.offsets[first + count]]
     order = np.argsort(lengths, kind="stable")
     written = 0
+    if hasattr(call.fn, "topk_logprobs"):  # a served teacher: its top-k log-probs, stored as they come
+        for batch in _batches(order, lengths, batch_size, batch_tokens):
+            got = call.fn.topk_logprobs([data[first + j] for j in batch], k)
+            for (vals, top), j in zip(got, batch):
+                rows = slice(int(offsets[j]), int(offsets[j]) + int(lengths[j]))
+                out["values.npy"][rows] = _values_to_numpy(torch.from_numpy(vals), cfg["value_dtype"])
+                out["ids.npy"][rows] = pack_ids(top, cfg["id_bits"]) if cfg["id_encoding"] == "packed" else top
+                written += int(lengths[j])
+            on_progress(written)
+        return out
     for batch in _batches(order, lengths, batch_size, batch_tokens):
         L = int(lengths[batch].max())
         ids = torch.zeros(len(batch), L, dtype=torch.long)
