@@ -324,6 +324,36 @@ def train(model, train_data, order, cfg: Config, device, amp, *, lr: float, name
     return 1000 * sorted(times[skip:])[len(times[skip:]) // 2]
 
 
+def _cache_worker(rank, world, port, teacher, seqs, path, kw):
+    """One rank of build_teacher_cache: a gloo group over localhost, then the multi-rank build_cache."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from .cache import build_cache
+        build_cache(teacher, seqs, path, **kw)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def build_teacher_cache(teacher, seqs, path, nproc: int = 1, **kw) -> None:
+    """build_cache in this process, or (nproc > 1, CPU) in nproc processes sharing the shards as torchrun
+    ranks do (kdkernels/cache/distributed.py): the same cache either way."""
+    from .cache import build_cache
+
+    if nproc <= 1:
+        build_cache(teacher, seqs, path, **kw)
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    kw = dict(kw, device="cpu")
+    torch.multiprocessing.spawn(_cache_worker, args=(nproc, port, copy.deepcopy(teacher).cpu(), seqs, path, kw),
+                                nprocs=nproc)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m kdkernels demo",
@@ -344,6 +374,8 @@ def main(argv=None) -> int:
     p.add_argument("--kd-weight", type=float, default=None, help="loss = CE + w * KD (default 1.0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--nproc", type=int, default=1, help="processes that build the teacher cache (CPU, gloo; "
+                   "each a share of the shards, as torchrun ranks; default 1)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--plot", default="kdkernels_demo_curves.png",
@@ -400,11 +432,13 @@ def main(argv=None) -> int:
     slot[used] = torch.arange(used.numel())
     cache_dir = tempfile.mkdtemp(prefix="kdkernels_demo_cache_")
     t0 = time.perf_counter()
-    report = build_cache(teacher, [w[:-1].tolist() for w in train_data[used]], cache_dir, k=cfg.k,
-                         temperature=cfg.temperature, vocab_size=V, device=device, batch_size=64)
+    build_teacher_cache(teacher, [w[:-1].tolist() for w in train_data[used]], cache_dir, a.nproc, k=cfg.k,
+                        temperature=cfg.temperature, vocab_size=V, device=device, batch_size=64)
+    seconds = time.perf_counter() - t0
     cache = TeacherCache(cache_dir, vocab_size=V, k=cfg.k)
     log(f"teacher top-{cfg.k} cache: {cache.bytes_per_token:.0f} bytes/token (vs {V * 2} for dense bf16 logits), "
-        f"{cache.num_tokens} tokens in {time.perf_counter() - t0:.1f}s ({report.tokens_per_s:.0f} tokens/s)")
+        f"{cache.num_tokens} tokens in {seconds:.1f}s ({cache.num_tokens / seconds:.0f} tokens/s"
+        f"{f', {a.nproc} processes' if a.nproc > 1 else ''})")
 
     torch.manual_seed(a.seed + 3)
     student0 = TinyLM(V, cfg.seq, cfg.s_dim, cfg.s_layers, cfg.s_heads, 0.0)
