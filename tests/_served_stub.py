@@ -38,7 +38,8 @@ def serve(model, max_logprobs=20, fail_first=0):
             choices = []
             for idx, prompt in enumerate(body["prompt"]):
                 with torch.no_grad():
-                    logp = torch.log_softmax(model(torch.tensor(prompt)[None])[0].float(), -1)
+                    out = model(torch.tensor(prompt)[None])
+                    logp = torch.log_softmax(getattr(out, "logits", out)[0].float(), -1)
                 pl = [None] + [_entries(logp[i - 1], k, prompt[i]) for i in range(1, len(prompt))]
                 top = {key: v["logprob"] for key, v in _entries(logp[-1], k).items()}
                 choices.append({"index": idx, "text": "", "prompt_logprobs": pl,

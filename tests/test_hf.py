@@ -127,6 +127,28 @@ def test_teacher_cache_trains_like_the_live_teacher(tmp_path):
     assert batch["teacher_values"].shape[-1] == 8 and batch["teacher_values"].dtype == torch.float16
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_served_teacher_trains_like_the_live_teacher(tmp_path, fused):
+    """A teacher behind an OpenAI-compatible server (a stub serving the same model's real top-k) trains the
+    student as the live teacher does, on the fused and the logits paths."""
+    from _served_stub import serve
+    from kdkernels.cache import ServedTeacher
+
+    seqs = data()
+    t = teacher()
+    srv, url = serve(t)
+    try:
+        served = train(tmp_path / "served", [{"input_ids": s} for s in seqs],
+                       teacher=ServedTeacher(url, "gpt2-tiny", vocab_size=V, batch_size=3), fused=fused)
+    finally:
+        srv.shutdown()
+    live = train(tmp_path / "live", [{"input_ids": s} for s in seqs], teacher=t, fused=fused)
+    assert_same_params(params(live.model), params(served.model), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="a served teacher gives top-k log-probs only"):
+        DistillationTrainer(model=student(), args=args(tmp_path / "x"), train_dataset=[{"input_ids": seqs[0]}],
+                            loss=loss_fn("dense"), teacher=ServedTeacher(url, "m", vocab_size=V))
+
+
 def test_resumed_run_matches_uninterrupted(tmp_path):
     seqs = data()
     build_cache(teacher(), seqs, str(tmp_path / "cache"), k=8)

@@ -23,6 +23,7 @@ Logged per step (averaged over the steps since the last log, like `loss`): `loss
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Dict, Optional, Sequence, Union
 
@@ -180,7 +181,14 @@ class DistillationTrainer(Trainer):
             teacher_cache = TeacherCache(os.fspath(teacher_cache))
         if teacher_cache is not None:
             _check_vocab(loss, student_v, teacher_cache.vocab_size, f"teacher cache {teacher_cache.index_path}")
-        if teacher is not None:
+        served = teacher is not None and hasattr(teacher, "topk_logprobs")  # kdkernels.cache.ServedTeacher
+        if served:
+            _check_vocab(loss, student_v, teacher.vocab_size, f"served teacher {teacher!r}")
+            for label, term in loss.terms.items():
+                if not isinstance(term, TopKKLTerm) or term.mode == "dense":
+                    raise ValueError(f"{_P}a served teacher gives top-k log-probs only: term '{label}' needs a "
+                                     "sparse topk_kl term (mode renorm, tail or support)")
+        elif teacher is not None:
             _check_vocab(loss, student_v, _vocab_size(teacher), "teacher")
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = CacheCollator(teacher_cache, pad_id) if teacher_cache is not None \
@@ -192,10 +200,11 @@ class DistillationTrainer(Trainer):
         self.loss = loss
         self.teacher = teacher
         self.teacher_cache = teacher_cache
+        self.served = served
         # transformers versions without `loss_is_scaled_for_ga` decide from this whether compute_loss's loss is
         # already normalised for gradient accumulation (it is: by num_items_in_batch)
         self.model_accepts_loss_kwargs = True
-        if teacher is not None:
+        if teacher is not None and not served:
             if getattr(self, "place_model_on_device", True):
                 teacher.to(self.args.device)
             teacher.eval()
@@ -205,7 +214,7 @@ class DistillationTrainer(Trainer):
         self.fused_reason = self._why_not_fused(loss) if fused else "fused=False"
         if self.fused_reason is None:
             logit_map_of(self.model)  # refuse an unreadable final-logit map now, not at the first step
-            if teacher is not None:
+            if teacher is not None and not served:
                 logit_map_of(teacher)
         elif fused:
             transformers.logging.get_logger(__name__).warning(
@@ -255,10 +264,30 @@ class DistillationTrainer(Trainer):
                                  "collator must be a CacheCollator (the default) and items must carry 'cache_index'")
             return TeacherTargets(values=cached["teacher_values"], ids=cached["teacher_ids"],
                                   temperature=self.teacher_cache.temperature, lse=cached.get("teacher_lse"))
+        if self.served:
+            return self._served_targets(inputs)
         need_hidden = any(getattr(t, "needs_hidden_states", False) for t in self.loss.terms.values())
         with torch.no_grad():
             out = self.teacher(**inputs, **({"output_hidden_states": True} if need_hidden else {}))
         return TeacherTargets(logits=_logits(out), hidden_states=getattr(out, "hidden_states", None))
+
+    def _served_targets(self, inputs: Dict[str, Any]) -> TeacherTargets:
+        """The served teacher's top-k log-probs (temperature 1) of the batch's real tokens, laid out as a cache
+        batch: (B, L, k), padding positions holding ids 0..k-1 and log(1/k)."""
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        k = max(t.k for t in self.loss.terms.values())
+        B, L = ids.shape
+        values = torch.full((B, L, k), -math.log(k), dtype=torch.float32)
+        top = torch.arange(k, dtype=torch.long).expand(B, L, k).clone()
+        rows = [ids[b][mask[b]].tolist() for b in range(B)]
+        for b, (v, i) in enumerate(self.teacher.topk_logprobs(rows, k)):
+            pos = mask[b].nonzero().squeeze(1).cpu()
+            values[b, pos] = torch.from_numpy(v)
+            top[b, pos] = torch.from_numpy(i).long()
+        dev = ids.device
+        return TeacherTargets(values=values.to(dev), ids=top.to(dev), temperature=1.0)
 
     def _fused_loss(self, model, inputs, cached, labels, num_items):
         """ce_weight * CE + weight * top-k KL from the last hidden states (docs/distill.md): the forward asks
@@ -272,7 +301,7 @@ class DistillationTrainer(Trainer):
                   valid_vocab=self.loss.valid_vocab)
         if term is None:  # CE only: a zero-weight term on the labels keeps one code path
             vals = ids = None
-        elif self.teacher_cache is not None:
+        elif self.teacher_cache is not None or self.served:
             targets = self._teacher_targets(inputs, cached)  # checks the cache's k and temperature against the term
             vals, ids = KDInputs(student_logits=None, teacher=targets, mask=None, num_items=1).teacher_topk(
                 term.k, term.temperature, label)
@@ -365,6 +394,7 @@ class DistillationTrainer(Trainer):
                  "tokenizer_hash": self.teacher_cache.tokenizer_hash, "k": self.teacher_cache.k,
                  "temperature": self.teacher_cache.temperature}
                 if self.teacher_cache is not None else
+                {"served": self.teacher.url, "model": self.teacher.model} if self.served else
                 {"model": type(self.teacher).__name__ if self.teacher is not None else None,
                  "name_or_path": getattr(getattr(self.teacher, "config", None), "_name_or_path", None)}),
                 "transformers": transformers.__version__}
