@@ -25,15 +25,20 @@ $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(shell find csrc -type f)
 setup: $(VENV)/.built
 build: $(VENV)/.built
 
-demo: $(VENV)/.built
+# The optional [plot] extra (matplotlib) draws the demo's loss curves; without it the demo says how to get them.
+$(VENV)/.plotdeps: $(VENV)/.deps
+	$(PY) -m pip install -q "matplotlib>=3.7" || echo "matplotlib not installed: the demo runs without its plot"
+	touch $@
+
+demo: $(VENV)/.built $(VENV)/.plotdeps
 	$(PY) -m kdkernels demo $(DEMO_ARGS)
 
-# The optional [hf] and [peers] extras too, so the Hugging Face integration and the peers' conventions
-# (docs/conventions.md) are tested rather than skipped; the installed torch is pinned so no peer moves it.
+# The optional [hf], [peers] and [plot] extras too, so the Hugging Face integration, the peers' conventions
+# (docs/conventions.md) and the plots are tested rather than skipped; the installed torch is pinned so no peer moves it.
 $(VENV)/.testdeps: $(VENV)/.deps
 	$(PY) -m pip freeze | grep -i '^torch==' > $(VENV)/torch-pin.txt
 	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt "transformers>=4.48" "accelerate>=0.26" \
-		"trl>=1.16" "POT>=0.9.7" "nvidia-modelopt>=0.47" requests "megatron-core>=0.16"
+		"trl>=1.16" "POT>=0.9.7" "nvidia-modelopt>=0.47" requests "megatron-core>=0.16" "matplotlib>=3.7"
 	touch $@
 
 test: $(VENV)/.built $(VENV)/.testdeps

@@ -546,12 +546,15 @@ def main(argv=None) -> int:
     print(f"\ndistillation {verdict}: best KD student ppl {best['val_ppl']:.2f} vs hard labels {base:.2f} "
           f"({100 * (base - best['val_ppl']) / base:+.1f}%); total {time.perf_counter() - t_start:.0f}s")
     if a.plot:
-        from ._plot import plot_curves
+        from ._plot import INSTALL, have_matplotlib, plot_curves
 
-        plot_curves({r["method"]: [l for _, l in r["val_loss_curve"]] for r in results}, a.plot,
-                    title="student validation loss", x_label="student step", y_label="val loss (nats/token)",
-                    xs={r["method"]: [st for st, _ in r["val_loss_curve"]] for r in results})
-        print(f"validation loss curves: {os.path.abspath(a.plot)}")
+        if have_matplotlib():
+            plot_curves({r["method"]: [l for _, l in r["val_loss_curve"]] for r in results}, a.plot,
+                        title="student validation loss", x_label="student step", y_label="val loss (nats/token)",
+                        xs={r["method"]: [st for st, _ in r["val_loss_curve"]] for r in results})
+            print(f"validation loss curves: {os.path.abspath(a.plot)}")
+        else:
+            print(f"validation loss curves: not drawn, matplotlib is not installed ({INSTALL})")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(config=asdict(cfg), device=str(device), teacher_val_ppl=t_ppl, memory=mem.label,

@@ -6,7 +6,8 @@ import inspect
 import os
 import re
 import struct
-import zlib
+
+import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the network
 
@@ -294,26 +295,23 @@ def test_plan_groups_threshold_and_n_shared():
 
 
 def _png_size(path):
+    """(width, height) of a PNG file, checking its signature."""
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    w, h = struct.unpack(">II", data[16:24])
-    idat = data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8]
-    pixels = zlib.decompress(idat)
-    assert len(pixels) == h * (3 * w + 1)
-    return w, h, pixels
+    return struct.unpack(">II", data[16:24])
 
 
 def test_plot_similarity(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
     S = _S()
     S[0, 7] = S[7, 0] = float("nan")
     path = plot_similarity(S, str(tmp_path / "s.png"), groups=plan_groups(_S(), threshold=0.8))
-    w, h, pixels = _png_size(path)
-    assert w > 8 * 40 and h > 8 * 40
-    assert bytes((220, 30, 30)) in pixels  # the group outlines
-    from kdkernels._heatmap import plot_heatmap
-
-    canvas = plot_heatmap([[0.0, 1.0], [2.0, float("nan")]], str(tmp_path / "h.png"), "t", annotate=True)
-    assert canvas.shape[2] == 3 and _png_size(str(tmp_path / "h.png"))[0] == canvas.shape[1]
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape[0] > 300 and img.shape[1] > 300
+    red = (img[..., 0] > 200) & (img[..., 1] < 60) & (img[..., 2] < 60)
+    assert red.sum() > 50  # the group outlines
 
 
 # ---------------------------------------------------------------------------------------------

@@ -148,9 +148,9 @@ def format_similarity(similarity, digits: int = 2) -> str:
 def plot_similarity(similarity, path: str, *, title: Optional[str] = None,
                     groups: Optional[Sequence[Sequence[int]]] = None, vmin: Optional[float] = None,
                     vmax: Optional[float] = None) -> str:
-    """Write the (L, L) similarity as a PNG heatmap (kdkernels._heatmap, no plotting library needed); groups
+    """Write the (L, L) similarity as a PNG heatmap (matplotlib: pip install 'kdkernels[plot]'); groups
     (plan_groups' result) are outlined. Returns path."""
-    from .._heatmap import plot_heatmap
+    from .._plot import plot_heatmap
 
     S = similarity.detach().double().cpu().numpy() if isinstance(similarity, torch.Tensor) else np.asarray(similarity)
     boxes = [(g[0], g[0], g[-1], g[-1]) for g in (groups or ()) if len(g) > 1]
