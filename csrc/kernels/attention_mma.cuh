@@ -566,6 +566,8 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_probs_mma_kernel(At
 // block's workspace (one thread per term, so no atomics), the per-row similarity at the end. The pair terms,
 // L (L + 1) / 2 per element (a log each for JS), are the bound; the products no longer are.
 // ---------------------------------------------------------------------------------------------
+// __launch_bounds__(128, 1): ptxas's default caps this kernel at 128 registers on sm_80 and spills; its shared
+// memory allows one or two blocks per SM anyway.
 constexpr int kSimMmaRows = 64, kSimMmaBN = 16;
 
 inline size_t attention_mma_sim_smem(int64_t L, int D) {
@@ -574,7 +576,7 @@ inline size_t attention_mma_sim_smem(int64_t L, int D) {
 }
 
 template <class scalar_t, bool kBF16, int D>
-__global__ void __launch_bounds__(kAttnMmaThreads) attention_similarity_mma_kernel(SimParams<scalar_t, float> p) {
+__global__ void __launch_bounds__(kAttnMmaThreads, 1) attention_similarity_mma_kernel(SimParams<scalar_t, float> p) {
 #if KDK_TENSOR_CORES
   constexpr int BM = kSimMmaRows, BN = kSimMmaBN, LD = D + 8, KS = D / 16, NT = BN / 8;
   KDK_DYNAMIC_SMEM(kdk_attn_mma_smem, 16);
