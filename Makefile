@@ -9,7 +9,7 @@ export MAX_JOBS ?= 2
 # it (marker `emu`). KDKERNELS_EMU=0 skips it (those cases are then skipped).
 export KDKERNELS_EMU ?= 1
 
-.PHONY: setup build demo test bench cmake-check clean
+.PHONY: setup build demo test bench dist-check cmake-check clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -44,8 +44,14 @@ $(VENV)/.testdeps: $(VENV)/.deps
 test: $(VENV)/.built $(VENV)/.testdeps
 	$(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
 
+# pytest-benchmark over benchmarks/test_bench_<op>.py, then the markdown table of bench.json;
+# BENCH_ARGS e.g. "topk_kl --kdk-quick" or "--kdk-device cuda --benchmark-compare".
 bench: $(VENV)/.built
 	$(PY) -m kdkernels bench $(BENCH_ARGS)
+
+# The sdist, the wheel built from it, each installed into a fresh venv (--no-build-isolation), one loss run.
+dist-check: $(VENV)/.deps
+	bash tools/dist_check.sh $(abspath $(PY))
 
 # Configure and build CMakeLists.txt (CPU-only) so the native build cannot rot.
 cmake-check: $(VENV)/.deps
@@ -54,4 +60,4 @@ cmake-check: $(VENV)/.deps
 	cmake --build build-cmake -j $(MAX_JOBS)
 
 clean:
-	rm -rf build build-cmake kdkernels/*.so *.egg-info $(VENV)/.built
+	rm -rf build build-cmake dist kdkernels/*.so *.egg-info $(VENV)/.built

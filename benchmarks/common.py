@@ -1,16 +1,12 @@
-"""Benchmark helpers shared by benchmarks/bench_*.py: timing, peak memory, device ceilings, result rows, tables."""
+"""What benchmarks/test_bench_*.py share besides pytest-benchmark: the environment stamp, peak memory, the device ceilings."""
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import os
 import platform
 import statistics
 import subprocess
-import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -77,76 +73,21 @@ def env_info(device: torch.device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Timing
+# The ceilings' own timer (the benchmarks themselves are timed by pytest-benchmark)
 # ----------------------------------------------------------------------------------------------
 
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_cuda(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> list[float]:
-    """Milliseconds of each of `iters` calls, timed by CUDA events on the current stream after `warmup` calls.
-
-    One event pair per call (not one around the loop) so the median discards stragglers; the host
-    never waits inside the loop except where `fn` itself synchronises.
-    """
+def _event_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
+    """Median milliseconds of `fn` by CUDA event pairs, one pair per call."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for s, e in zip(starts, ends):
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for s, e in ev:
         s.record()
         fn()
         e.record()
     torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
-
-
-def time_cpu(fn: Callable[[], object], warmup: int = 2, iters: int = 10, max_seconds: float = 30.0) -> list[float]:
-    """Milliseconds of each call by perf_counter after `warmup` calls; stops early past `max_seconds`
-    (at least 3 timed calls) so a slow eager baseline cannot eat a shared CPU machine's budget."""
-    for _ in range(warmup):
-        fn()
-    out: list[float] = []
-    t_end = time.perf_counter() + max_seconds
-    for i in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        out.append(1000 * (time.perf_counter() - t0))
-        if i >= 2 and time.perf_counter() > t_end:
-            break
-    return out
-
-
-def time_fn(fn: Callable[[], object], device: torch.device, warmup: Optional[int] = None,
-            iters: Optional[int] = None) -> dict:
-    """Median and spread of `fn` on `device` (CUDA events on GPU, perf_counter on CPU)."""
-    if device.type == "cuda":
-        ms = time_cuda(fn, warmup if warmup is not None else 5, iters if iters is not None else 30)
-    else:
-        ms = time_cpu(fn, warmup if warmup is not None else 2, iters if iters is not None else 10)
-    ms_sorted = sorted(ms)
-    return {
-        "ms": statistics.median(ms),
-        "ms_min": ms_sorted[0],
-        "ms_p80": ms_sorted[min(len(ms) - 1, int(0.8 * len(ms)))],
-        "runs": len(ms),
-    }
-
-
-def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
-    """`fn` followed by a device synchronisation: what pytest-benchmark's wall clock needs on CUDA."""
-    if device.type != "cuda":
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize(device)
-        return out
-
-    return run
+    return statistics.median(s.elapsed_time(e) for s, e in ev)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,7 +203,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
     if key not in _CEILINGS:
         src = torch.empty(nbytes, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
-        ms = statistics.median(time_cuda(lambda: dst.copy_(src), warmup=3, iters=20))
+        ms = _event_ms(lambda: dst.copy_(src), warmup=3, iters=20)
         _CEILINGS[key] = 2 * nbytes / (ms / 1000)
         del src, dst
         torch.cuda.empty_cache()
@@ -275,7 +216,7 @@ def gemm_rate(device: torch.device, n: int = 8192, dtype: torch.dtype = torch.bf
     if key not in _CEILINGS:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        ms = statistics.median(time_cuda(lambda: a @ b, warmup=3, iters=10))
+        ms = _event_ms(lambda: a @ b, warmup=3, iters=10)
         _CEILINGS[key] = 2 * n**3 / (ms / 1000)
         del a, b
         torch.cuda.empty_cache()
@@ -304,102 +245,3 @@ def ceilings(device: torch.device) -> dict:
             else:
                 out["gemm_TFLOPps"] = round(val / 1e12, 1)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Rows, bars, tables, files
-# ----------------------------------------------------------------------------------------------
-
-def make_row(device: torch.device, case: str, impl: str, timing: Optional[dict], **extra) -> dict:
-    """A result row: the environment stamp, the case, the implementation, the timing, anything extra.
-
-    Conventional extras: shape, dtype, mode, peak_bytes, floor_ms, note, error (the row did not run).
-    """
-    row = env_info(device)
-    row.update(case=case, impl=impl, device_type=device.type)
-    if timing:
-        row.update(timing)
-    row.update(extra)
-    return row
-
-
-def check_bar(row: dict, text: str, passed: Optional[bool]):
-    """Record a bar on a row; several bars on one row are joined; any failure makes the row FAIL."""
-    tag = {None: "n/a", True: "PASS", False: "FAIL"}[passed]
-    text = f"{text} [{tag}]"
-    row["bar"] = f"{row['bar']}; {text}" if row.get("bar") else text
-    if passed is None:
-        row.setdefault("result", "n/a")
-    elif not passed:
-        row["result"] = "FAIL"
-    elif row.get("result") != "FAIL":
-        row["result"] = "PASS"
-
-
-def _fmt(x, digits=2) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}" if abs(x) < 1e4 else f"{x:.3g}"
-    return str(x)
-
-
-def summary_table(rows: Iterable[dict], baseline_of: Optional[Callable[[dict], Optional[dict]]] = None) -> str:
-    """Markdown: one line per row with ms, ratio to its baseline (kdkernels / baseline), x floor, memory, bar.
-
-    `baseline_of(row)` returns the row it is compared with (None: no ratio); by default the first
-    row of the same case whose impl starts with 'reference eager'.
-    """
-    rows = list(rows)
-    if baseline_of is None:
-        def baseline_of(r):
-            for b in rows:
-                if b["case"] == r["case"] and b["impl"].startswith("reference eager") and b is not r:
-                    return b
-            return None
-    lines = ["| case | impl | ms (median) | vs baseline | floor ms | x floor | peak MiB | bar | result |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|"]
-    for r in rows:
-        if r.get("error"):
-            lines.append(f"| {r['case']} | {r['impl']} | - | - | - | - | - | {r.get('bar', '')} | "
-                         f"{r.get('result', 'ERROR')}: {r['error'][:120]} |")
-            continue
-        b = baseline_of(r)
-        ratio = (f"{r['ms'] / b['ms']:.3f} ({b['impl']})" if b and b.get("ms") and r.get("ms") else "-")
-        fl = r.get("floor_ms")
-        xfl = r["ms"] / fl if fl and r.get("ms") else None
-        mem = r.get("peak_bytes")
-        lines.append(f"| {r['case']} | {r['impl']} | {_fmt(r.get('ms'), 3)} | {ratio} | {_fmt(fl, 3)} | "
-                     f"{_fmt(xfl)} | {_fmt(mem / 2**20 if mem is not None else None, 1)} | "
-                     f"{r.get('bar', '')} | {r.get('result', '')} |")
-    return "\n".join(lines)
-
-
-def header(device: torch.device) -> str:
-    env = env_info(device)
-    ceil = ceilings(device)
-    extra = "".join(f", {k} {v}" for k, v in ceil.items())
-    return (f"commit {env['commit']}, kdkernels {env['kdkernels']}, torch {env['torch']}, CUDA {env['cuda']}, "
-            f"device {env['device']}{extra}; memory: {memory_label(device)}")
-
-
-def write_rows(rows: list[dict], path: str):
-    """Save rows by the file's extension: .csv, .json (a list), or .jsonl (appended, one row a line,
-    so several benchmark scripts can share one file)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    if path.endswith(".csv"):
-        keys: list[str] = []
-        for r in rows:
-            keys += [k for k in r if k not in keys]
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-    elif path.endswith(".jsonl"):
-        with open(path, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    else:
-        with open(path, "w") as f:
-            json.dump(rows, f, indent=2)

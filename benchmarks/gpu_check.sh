@@ -2,15 +2,15 @@
 # GPU acceptance run (device machine, repo root, $OUT set): build, tests, benchmarks, sanitizers -> $OUT/summary.md.
 #
 # Usage there:   KDK_COMMIT=<hash> bash benchmarks/gpu_check.sh      (KDK_COMMIT: .git may not travel)
-# Knobs (env):   GPU_CHECK_BUDGET_S (480), BENCHES (stems to run, e.g. "topk_kl sinkhorn"; default all),
-#                BENCH_ARGS (extra args for every bench script, e.g. --quick),
+# Knobs (env):   GPU_CHECK_BUDGET_S (480), BENCHES (ops to run, e.g. "topk_kl sinkhorn"; default all),
+#                BENCH_ARGS (extra pytest args for every suite, e.g. --kdk-quick),
 #                SANITIZE_TESTS (test files for compute-sanitizer, default tests/test_topk_kl.py),
 #                MEMCHECK_K / RACECHECK_K (their pytest -k selections), SANITIZE_OTHER_TESTS /
 #                SANITIZE_OTHER_K (the other ops' files and selection), SKIP_FULL=1.
 # Never stops at the first failure: every step runs under `timeout`, its status is collected, and the
 # summary is rewritten after each step, so whatever the run reaches comes back even if it is cut short.
 # $OUT gets at most 6 files (the device tool returns 8): summary.md, build.log, tests.log, sanitizer.log,
-# bench.log, bench.jsonl. A new op needs no edit here: every benchmarks/bench_*.py is run.
+# bench.log, bench.json. A new op needs no edit here: every benchmarks/test_bench_*.py is run.
 
 set -u
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ WORK="$(mktemp -d)"
 STEPS="$WORK/steps"        # one line per step: name|status|seconds|detail
 DETAILS="$WORK/details"    # markdown sections appended after the steps table
 : >"$STEPS"; : >"$DETAILS"
-for f in build.log tests.log sanitizer.log bench.log bench.jsonl; do : >"$OUT/$f"; done
+for f in build.log tests.log sanitizer.log bench.log bench.json; do : >"$OUT/$f"; done
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 # Seconds a step may take: its own cap, but never past the budget (minus 10 s to write the summary).
@@ -58,7 +58,7 @@ write_summary() {
     } >"$OUT/summary.md"
 }
 
-# run_step NAME CAP LOG CMD...: runs CMD under timeout, appends its output to $OUT/LOG, records the status.
+# run_step NAME CAP LOG CMD...: runs CMD under timeout (signal $STEP_SIGNAL, default TERM), appends its output to $OUT/LOG, records the status.
 run_step() {
     local name=$1 cap=$2 log=$3; shift 3
     local lim; lim=$(limit "$cap")
@@ -68,7 +68,7 @@ run_step() {
     echo "===== $name: $* (timeout ${lim}s)" >>"$OUT/$log"
     echo ">>> $name (timeout ${lim}s)"
     local s=$(date +%s)
-    timeout --kill-after=15 "$lim" "$@" >>"$OUT/$log" 2>&1
+    timeout -s "${STEP_SIGNAL:-TERM}" --kill-after=15 "$lim" "$@" >>"$OUT/$log" 2>&1
     local rc=$?
     local dt=$(( $(date +%s) - s ))
     local status="ok"
@@ -140,29 +140,34 @@ set_detail "$(pytest_digest "$T_CUDA")"
 write_summary
 
 # 5. Benchmarks, before the sanitizers (the bars are what only this machine can measure): every
-#    benchmarks/bench_*.py, so a new op's script is picked up by its name; rows go to bench.jsonl.
+#    benchmarks/test_bench_*.py under pytest-benchmark, so a new op's suite is picked up by its name; each op's
+#    JSON goes to $WORK, and benchmarks/report.py merges them into $OUT/bench.json and renders the table.
 if [[ -n "${BENCHES:-}" ]]; then
-    BENCH_FILES=(); for stem in $BENCHES; do BENCH_FILES+=("benchmarks/bench_${stem#bench_}.py"); done
+    BENCH_FILES=(); for stem in $BENCHES; do BENCH_FILES+=("benchmarks/test_bench_${stem#bench_}.py"); done
 else
-    BENCH_FILES=(benchmarks/bench_*.py)
+    BENCH_FILES=(benchmarks/test_bench_*.py)
 fi
 SANITIZER_RESERVE=200   # seconds kept for the sanitizer runs after the benchmarks
 n_left=${#BENCH_FILES[@]}
+BENCH_JSONS=()
 for b in "${BENCH_FILES[@]}"; do
     stem=$(basename "$b" .py)
-    md="$WORK/$stem.md"
-    # Each script gets an even share of what is left before the sanitizers' reserve, within [60, 240] s.
+    js="$WORK/$stem.json"
+    # Each suite gets an even share of what is left before the sanitizers' reserve, within [60, 240] s.
     share=$(( (BUDGET - $(elapsed) - 10 - SANITIZER_RESERVE) / n_left ))
     (( share < 60 )) && share=60
     (( share > 240 )) && share=240
     n_left=$(( n_left - 1 ))
     # shellcheck disable=SC2086  # BENCH_ARGS is a word list on purpose
-    run_step "$stem" "$share" bench.log bash -c '"$@" 2>&1 | tee "'"$md"'"; exit ${PIPESTATUS[0]}' _ \
-        "$PY" "$b" --device cuda --out "$OUT/bench.jsonl" ${BENCH_ARGS:-}
-    set_detail "$(grep -E '^bars: ' "$md" 2>/dev/null | tail -1)"
-    # The script prints progress on stderr and its table on stdout; keep from the table's heading on.
-    [[ -f "$md" ]] && { sed -n '/^## /,$p' "$md"; echo; } >>"$DETAILS"
+    # SIGINT on timeout: pytest still finishes its session, so pytest-benchmark writes the rows it has.
+    STEP_SIGNAL=INT run_step "$stem" "$share" bench.log "${PYTEST[@]}" "$b" --benchmark-only --benchmark-group-by=group \
+        --benchmark-json="$js" --kdk-device cuda ${BENCH_ARGS:-}
+    [[ -s "$js" ]] && BENCH_JSONS+=("$js")
+    [[ -s "$js" ]] && set_detail "$("$PY" benchmarks/report.py "$js" | tail -1)"
 done
+if (( ${#BENCH_JSONS[@]} )); then
+    { echo "## benchmarks"; echo; "$PY" benchmarks/report.py "${BENCH_JSONS[@]}" --merged "$OUT/bench.json"; echo; } >>"$DETAILS"
+fi
 write_summary
 
 # 6. compute-sanitizer: the caching allocator is switched off so each tensor is its own allocation and an

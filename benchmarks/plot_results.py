@@ -1,31 +1,25 @@
-"""Bar chart of benchmark rows (`bench_<op>.py --out rows.jsonl` / .json): python benchmarks/plot_results.py
-ROWS OUT.png [--title T]. Needs matplotlib (pip install 'kdkernels[plot]')."""
+"""Bar chart of a pytest-benchmark JSON (`pytest benchmarks/ --benchmark-only --benchmark-json=out.json`):
+python benchmarks/plot_results.py out.json [more.json ...] OUT.png [--title T]. Needs matplotlib
+(pip install 'kdkernels[plot]')."""
 import argparse
-import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(1, os.path.dirname(_HERE))
+import report  # noqa: E402
 from kdkernels._plot import plot_bench  # noqa: E402
-
-
-def read_rows(path):
-    with open(path) as f:
-        text = f.read()
-    if path.endswith(".json"):
-        data = json.loads(text)
-        return data if isinstance(data, list) else data.get("rows", [])
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("rows")
-    p.add_argument("out")
+    p.add_argument("json", nargs="+", help="pytest-benchmark JSON files")
+    p.add_argument("out", help="the PNG to write")
     p.add_argument("--title", default="")
     a = p.parse_args(argv)
     try:
-        plot_bench(read_rows(a.rows), a.out, a.title or os.path.basename(a.rows))
+        plot_bench(report.rows(report.load(a.json)), a.out, a.title or ", ".join(map(os.path.basename, a.json)))
     except ImportError as e:
         print(e, file=sys.stderr)
         return 2

@@ -25,24 +25,38 @@ def _demo(args):
     return demo.main(args.rest)
 
 
+def bench_commands(bench_dir, ops, rest):
+    """The pytest-benchmark run of benchmarks/test_bench_<op>.py (all ops by default) and the report of its JSON.
+
+    pytest flags in `rest` pass through (--kdk-quick, --kdk-device cuda, --benchmark-compare, ...); the JSON goes
+    to bench.json unless `rest` names one with --benchmark-json.
+    """
+    files = [os.path.join(bench_dir, f"test_bench_{op}.py") for op in ops] or [bench_dir]
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing:
+        raise FileNotFoundError(f"no benchmark suite {missing[0]}")
+    out = next((a.split("=", 1)[1] for a in rest if a.startswith("--benchmark-json=")), None)
+    extra = [] if out else ["--benchmark-json=bench.json"]
+    pytest = [sys.executable, "-m", "pytest", *files, "--benchmark-only", "--benchmark-group-by=group",
+              "-p", "no:cacheprovider", *extra, *rest]
+    return pytest, [sys.executable, os.path.join(bench_dir, "report.py"), out or "bench.json"]
+
+
 def _bench(args):
-    """Runs the benchmark scripts of a source checkout (they are not part of the installed package)."""
+    """Runs the benchmark suites of a source checkout (they are not part of the installed package)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bench_dir = os.path.join(root, "benchmarks")
     if not os.path.isdir(bench_dir):
         print("kdkernels bench: the benchmarks/ folder of a source checkout is needed (git clone the repository)",
               file=sys.stderr)
         return 2
-    names = args.ops or sorted(f[len("bench_"):-3] for f in os.listdir(bench_dir)
-                               if f.startswith("bench_") and f.endswith(".py"))
-    status = 0
-    for name in names:
-        script = os.path.join(bench_dir, f"bench_{name}.py")
-        if not os.path.exists(script):
-            print(f"kdkernels bench: no benchmark named '{name}' ({script} is missing)", file=sys.stderr)
-            return 2
-        status |= subprocess.call([sys.executable, script] + args.rest)
-    return status
+    try:
+        run, render = bench_commands(bench_dir, args.ops, args.rest)
+    except FileNotFoundError as e:
+        print(f"kdkernels bench: {e}", file=sys.stderr)
+        return 2
+    status = subprocess.call(run)
+    return status | subprocess.call(render)
 
 
 def main(argv=None):
@@ -55,9 +69,9 @@ def main(argv=None):
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the demo (try: demo --help)")
     p.set_defaults(fn=_demo)
-    p = sub.add_parser("bench", help="run benchmarks/bench_<op>.py of a source checkout")
-    p.add_argument("ops", nargs="*", help="op stems, e.g. topk_kl (default: all); other flags (e.g. --quick) "
-                   "are passed to each script")
+    p = sub.add_parser("bench", help="run benchmarks/test_bench_<op>.py of a source checkout under pytest-benchmark")
+    p.add_argument("ops", nargs="*", help="ops, e.g. topk_kl (default: all); other flags (e.g. --kdk-quick) "
+                   "are passed to pytest")
     p.set_defaults(fn=_bench)
     from .cache.cli import add_parser as add_cache_parser  # `cache build|verify|inspect`
 

@@ -1,4 +1,6 @@
 """The command line: info works, and demo/bench hand their flags through in order."""
+from pathlib import Path
+
 import pytest
 
 import kdkernels.__main__ as cli
@@ -19,8 +21,20 @@ def test_demo_flags_reach_the_demo_in_order(monkeypatch):
 def test_bench_ops_and_flags(monkeypatch):
     seen = {}
     monkeypatch.setattr(cli, "_bench", lambda args: seen.update(ops=args.ops, rest=args.rest) or 0)
-    cli.main(["bench", "topk_kl", "sinkhorn", "--quick", "--out", "r.jsonl"])
-    assert seen == {"ops": ["topk_kl", "sinkhorn"], "rest": ["--quick", "--out", "r.jsonl"]}
+    cli.main(["bench", "topk_kl", "sinkhorn", "--kdk-quick", "--benchmark-json=r.json"])
+    assert seen == {"ops": ["topk_kl", "sinkhorn"], "rest": ["--kdk-quick", "--benchmark-json=r.json"]}
+
+
+def test_bench_commands(tmp_path):
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    run, render = cli.bench_commands(str(bench), ["topk_kl"], ["--kdk-quick"])
+    assert run[1:3] == ["-m", "pytest"] and str(bench / "test_bench_topk_kl.py") in run
+    assert "--benchmark-only" in run and "--benchmark-json=bench.json" in run and run[-1] == "--kdk-quick"
+    assert render[1:] == [str(bench / "report.py"), "bench.json"]
+    run, render = cli.bench_commands(str(bench), [], ["--benchmark-json=x.json"])
+    assert run[3] == str(bench) and render[-1] == "x.json" and "--benchmark-json=bench.json" not in run
+    with pytest.raises(FileNotFoundError, match="test_bench_nope.py"):
+        cli.bench_commands(str(bench), ["nope"], [])
 
 
 def test_unknown_verb_is_refused():

@@ -43,10 +43,12 @@ def test_bench_plot_script(tmp_path):
     pytest.importorskip("matplotlib")
     import subprocess
 
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text("\n".join(json.dumps(r) for r in [dict(case="c", impl="kdkernels", ms=1.5),
-                                                      dict(case="c", impl="eager", ms=3.0)]) + "\n")
+    # the shape of pytest-benchmark's --benchmark-json: group, stats in seconds, our extra_info
+    js = tmp_path / "bench.json"
+    js.write_text(json.dumps({"benchmarks": [
+        dict(name=f"t[{impl}]", group="c", stats=dict(median=s, rounds=3), extra_info=dict(impl=impl))
+        for impl, s in (("kdkernels", 0.0015), ("eager", 0.003))]}))
     out = tmp_path / "bars.png"
-    res = subprocess.run([sys.executable, "benchmarks/plot_results.py", str(rows), str(out)], capture_output=True)
+    res = subprocess.run([sys.executable, "benchmarks/plot_results.py", str(js), str(out)], capture_output=True)
     assert res.returncode == 0, res.stderr.decode()
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
