@@ -106,7 +106,6 @@ def _status_kib(key: str) -> Optional[int]:
 
 
 _LIBC = None
-_PINNED = False
 
 
 def _libc():
@@ -123,34 +122,37 @@ def _libc():
     return _LIBC or None
 
 
-def _pin_mmap_threshold(libc) -> None:
-    """Make glibc serve every allocation above 64 KiB by its own mmap, returned to the OS on free.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
 
-    By default glibc raises its mmap threshold after large frees and serves later tensors from freed,
-    still-resident heap pages, so the RSS overstates or blurs the live memory (by ~30% on the eager
-    reference here). Pinned, the RSS follows the live tensors. It cannot be undone, and every large
-    allocation then page-faults, which slows later timings: only for a memory pass after all timings.
-    """
-    global _PINNED
-    if not _PINNED:
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 64 * 1024)
-        libc.mallopt(m_trim_threshold, 128 * 1024)
-        _PINNED = True
+
+def _mmap_threshold(libc, mmap_bytes: int) -> None:
+    libc.mallopt(_M_MMAP_THRESHOLD, mmap_bytes)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_bytes)
+
+
+def steady_allocator() -> None:
+    """glibc's thresholds where its own adjustment settles once a large tensor has been freed (mmap above
+    32 MiB, trim above 64 MiB), from the start: every CPU timing of a run then sees the same allocator
+    (peak_memory's measured call changes them, and sets them back to these)."""
+    libc = _libc()
+    if libc is not None:
+        _mmap_threshold(libc, 32 << 20)
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device,
-                setup: Optional[Callable[[], object]] = None, exact_cpu: bool = False) -> Optional[int]:
+                setup: Optional[Callable[[], object]] = None) -> Optional[int]:
     """Bytes allocated at the peak of one call of `fn` above what was allocated before it.
 
     CUDA: torch.cuda.max_memory_allocated after a reset (the caching allocator's live tensors, not
     its reserve). CPU: the process's peak resident size (VmHWM, reset via /proc/self/clear_refs) above
-    the resident size before the call, after glibc has handed its free heap pages back (malloc_trim),
-    so the step's allocations show as new resident pages. exact_cpu=True also pins glibc's mmap
-    threshold (see _pin_mmap_threshold): tighter numbers, but slower timings afterwards, so use it
-    only after every timing of the run. None where Linux or libc does not allow the measurement.
-    `setup` runs before the baseline is read: free what a previous call left alive (a gradient, say),
-    else it counts in the baseline and its release inside the step hides as much new memory.
+    the resident size before the call. By default glibc raises its mmap threshold after large frees (up to
+    32 MiB) and serves later tensors from freed, still-resident heap pages, so the RSS would blur the live
+    memory; for the measured call every allocation above 64 KiB is its own mmap, returned on free, so the RSS
+    follows the live tensors. Afterwards the thresholds are set to where glibc's own adjustment settles after
+    a large free (mmap above 32 MiB, trim above 64 MiB), so later timings run as they would have. None where
+    Linux or glibc does not allow the measurement. `setup` runs before the baseline is read: free what a
+    previous call left alive (a gradient, say), else it counts in the baseline and its release inside the
+    step hides as much new memory.
     """
     if device.type == "cuda":
         if setup is not None:
@@ -164,20 +166,22 @@ def peak_memory(fn: Callable[[], object], device: torch.device,
     libc = _libc()
     if libc is None:
         return None
-    if exact_cpu:
-        _pin_mmap_threshold(libc)
-    fn()  # once more first, so one-time allocations (lazy init, caches) stay out of the number
-    if setup is not None:
-        setup()
-    libc.malloc_trim(0)
+    _mmap_threshold(libc, 64 * 1024)
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    base = _status_kib("VmRSS")
-    fn()
-    peak = _status_kib("VmHWM")
+        fn()  # once more first, so one-time allocations (lazy init, caches) stay out of the number
+        if setup is not None:
+            setup()
+        libc.malloc_trim(0)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return None
+        base = _status_kib("VmRSS")
+        fn()
+        peak = _status_kib("VmHWM")
+    finally:
+        _mmap_threshold(libc, 32 << 20)
     if base is None or peak is None:
         return None
     return max(peak - base, 0) * 1024

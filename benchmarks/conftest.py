@@ -48,6 +48,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "shapes(full, quick): {device type: [shape dicts]} of a benchmark")
     if config.getoption("kdk_threads"):
         torch.set_num_threads(config.getoption("kdk_threads"))
+    common.steady_allocator()
 
 
 def _devices(config) -> list[str]:
