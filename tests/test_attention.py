@@ -513,6 +513,15 @@ def test_attention_similarity_refusals(device):
 # ---------------------------------------------------------------------------------------------
 
 
+def _tensor_core_case(device):
+    """(emulated, Tq, Tk) of a tensor-core test: small on the emulator, awkward GPU lengths on a device;
+    plain CPU tensors skip (the tensor-core kernels are a CUDA code path)."""
+    emulated = getattr(device, "emulated", False)
+    if device == "cpu" and not emulated:
+        pytest.skip("the tensor-core kernels are a CUDA code path")
+    return emulated, *((70, 75) if emulated else (333, 517))
+
+
 def _mma_launches():
     from kdkernels import _emu
     return {k: v for k, v in _emu.launch_counts().items() if "attention_fwd_mma_kernel" in k}
@@ -522,11 +531,8 @@ def _mma_launches():
 @pytest.mark.parametrize("D", [64, 96, 128])
 @pytest.mark.parametrize("case", ["causal_gqa", "mask_odd", "shared", "transposed"])
 def test_tensor_core_forward(device, dtype, D, case):
-    emulated = getattr(device, "emulated", False)
-    if device == "cpu" and not emulated:
-        pytest.skip("the tensor-core forward is a CUDA code path")
     # 70 query rows: two row blocks, the second partial; 75 keys: two key tiles, the second partial
-    Tq, Tk = (70, 75) if emulated else (333, 517)
+    emulated, Tq, Tk = _tensor_core_case(device)
     layout = "transposed" if case == "transposed" else "contiguous"
     q, k, v = make_qkv(B=1, H=2, Hk=1 if case == "causal_gqa" else 2, Tq=Tq, Tk=Tk, D=D, dtype=dtype,
                        device=device, layout=layout, grad=False)
@@ -556,10 +562,7 @@ def test_tensor_core_forward(device, dtype, D, case):
 @pytest.mark.parametrize("D", [64, 96, 128])
 @pytest.mark.parametrize("case", ["causal_gqa", "mask_odd", "shared_v_only"])
 def test_tensor_core_backward(device, dtype, D, case):
-    emulated = getattr(device, "emulated", False)
-    if device == "cpu" and not emulated:
-        pytest.skip("the tensor-core backward is a CUDA code path")
-    Tq, Tk = (70, 75) if emulated else (333, 517)
+    emulated, Tq, Tk = _tensor_core_case(device)
     q, k, v = make_qkv(B=1, H=2, Hk=1 if case == "causal_gqa" else 2, Tq=Tq, Tk=Tk, D=D, dtype=dtype, device=device)
     kw = dict(causal=case == "causal_gqa")
     if case != "causal_gqa":
@@ -592,10 +595,7 @@ def test_tensor_core_backward(device, dtype, D, case):
 @pytest.mark.parametrize("D", [64, 128])
 def test_tensor_core_backward_deterministic(device, dtype, D):
     # torch.use_deterministic_algorithms(True): dQ from its own kernel, summed without atomics
-    emulated = getattr(device, "emulated", False)
-    if device == "cpu" and not emulated:
-        pytest.skip("the tensor-core backward is a CUDA code path")
-    Tq, Tk = (70, 75) if emulated else (333, 517)
+    emulated, Tq, Tk = _tensor_core_case(device)
     q, k, v = make_qkv(B=1, H=4, Hk=2, Tq=Tq, Tk=Tk, D=D, dtype=dtype, device=device)
     mask = random_mask(1, 4, Tq, Tk, device, empty_rows=((0, 1, 3),))
     g = _randn(1, 4, Tq, D).to(dtype).to(device)
@@ -626,10 +626,7 @@ def test_tensor_core_backward_deterministic(device, dtype, D):
 def test_tensor_core_padded_head_dims(device, dtype, D, Dv):
     """D != Dv and head sizes other than 64 / 96 / 128 (up to 128) run on the tensor-core kernels after
     zero-padding to the next supported size: forward, LSE and every gradient against float64."""
-    emulated = getattr(device, "emulated", False)
-    if device == "cpu" and not emulated:
-        pytest.skip("the tensor-core path is a CUDA code path")
-    Tq, Tk = (70, 75) if emulated else (333, 517)
+    emulated, Tq, Tk = _tensor_core_case(device)
     q, k, v = make_qkv(B=1, H=4, Hk=2, Tq=Tq, Tk=Tk, D=D, Dv=Dv, dtype=dtype, device=device, layout="transposed")
     mask = random_mask(1, 4, Tq, Tk, device, empty_rows=((0, 1, 3),))
     if emulated:
@@ -658,10 +655,7 @@ def test_tensor_core_padded_head_dims(device, dtype, D, Dv):
 def test_tensor_core_probs(device, dtype, D):
     """The materialised probabilities on tensor cores (attention_probs_mma_kernel), and the group gradient
     through them (dS in the inputs' dtype, GEMMs on tensor cores), against float64."""
-    emulated = getattr(device, "emulated", False)
-    if device == "cpu" and not emulated:
-        pytest.skip("the tensor-core path is a CUDA code path")
-    Tq, Tk = (70, 75) if emulated else (333, 517)
+    emulated, Tq, Tk = _tensor_core_case(device)
     q, k, v = make_qkv(B=1, H=4, Hk=2, Tq=Tq, Tk=Tk, D=D, dtype=dtype, device=device)
     mask = random_mask(1, 4, Tq, Tk, device, empty_rows=((0, 1, 3),))
     kw = dict(causal=True, mask=mask)

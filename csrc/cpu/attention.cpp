@@ -132,15 +132,17 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const AttnArgs& a, const at::Ten
 // The backward shared by attention and shared attention: P = exp(scale q k^T - lse) recomputed per block,
 // dV = P^T dO, dS = P (dO V^T - D) with D = rowsum(dO * O), dQ = scale dS K, dK = scale dS^T Q.
 // Parallel over (batch, key/value head); the query heads of a group run in order, so dK/dV need no atomics.
+// grad_qk / grad_v: whether dQ, dK / dV are wanted (an EchoAtt group's backward needs no dV here).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const AttnArgs& a, const at::Tensor& grad_out,
                                                              const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const at::Tensor& out,
                                                              const at::Tensor& lse,
-                                                             const c10::optional<at::Tensor>& mask, bool grad_qk) {
+                                                             const c10::optional<at::Tensor>& mask, bool grad_qk,
+                                                             bool grad_v = true) {
   const auto opts = q.options().dtype(a.acc);
   at::Tensor dq = grad_qk ? at::zeros({a.B, a.H, a.Tq, a.D}, opts) : at::empty({0}, q.options());
   at::Tensor dk = grad_qk ? at::zeros({a.B, a.Hk, a.Tk, a.D}, opts) : at::empty({0}, q.options());
-  at::Tensor dv = at::zeros({a.B, a.Hk, a.Tk, a.Dv}, opts);
+  at::Tensor dv = grad_v ? at::zeros({a.B, a.Hk, a.Tk, a.Dv}, opts) : at::empty({0}, q.options());
   if (a.B * a.H * a.Tq > 0 && a.Tk > 0) {
     const at::Tensor qa = q.to(a.acc), ka = k.to(a.acc), va = v.to(a.acc);
     const at::Tensor go = acc_contig(grad_out, a.acc), oa = acc_contig(out, a.acc), lse_c = lse.contiguous();
@@ -163,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const AttnArgs& a, 
               at::Tensor P = at::mm(qb, kk.t()).contiguous();
               const T* lse_rows = lse_c.data_ptr<T>() + (b * a.H + h) * a.Tq + r0;
               probs_rows<T>(P.data_ptr<T>(), rows, kend, r0, a, mask_rows(m, b, h), lse_rows, nullptr);
-              dv[b][hk].narrow(0, 0, kend).addmm_(P.t(), gb);
+              if (grad_v) dv[b][hk].narrow(0, 0, kend).addmm_(P.t(), gb);
               if (!grad_qk) continue;
               at::Tensor dS = at::mm(gb, vv.t()).contiguous();  // dP
               const T* g = gb.data_ptr<T>();
@@ -188,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const AttnArgs& a, 
     });
   }
   const auto dt = q.scalar_type();
-  return {grad_qk ? dq.to(dt) : dq, grad_qk ? dk.to(dt) : dk, dv.to(dt)};
+  return {grad_qk ? dq.to(dt) : dq, grad_qk ? dk.to(dt) : dk, grad_v ? dv.to(dt) : dv};
 }
 
 }  // namespace
@@ -220,8 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_attention_bwd_cpu(KDK_SHAR
 }
 
 // The layers side by side along the value dimension: one backward with V = [V_1 .. V_L] and dO = [dO_1 .. dO_L]
-// has dP = sum_l dO_l V_l^T and delta = sum_l rowsum(dO_l O_l), hence the group's dS, dQ and dK (its dV is
-// dropped).
+// has dP = sum_l dO_l V_l^T and delta = sum_l rowsum(dO_l O_l), hence the group's dS, dQ and dK (each layer's
+// dV comes from its own backward, so none is formed here).
 std::tuple<at::Tensor, at::Tensor> shared_attention_group_bwd_cpu(KDK_SHARED_ATTENTION_GROUP_BWD_ARGS) {
   const at::NoGradGuard no_grad;  // internal ATen calls never record a graph (raw-op callers)
   AttnArgs a = shared_group_parse(grad_out, q, k, lse, v, out, mask, causal, scale);
@@ -230,7 +232,8 @@ std::tuple<at::Tensor, at::Tensor> shared_attention_group_bwd_cpu(KDK_SHARED_ATT
     return t.permute({1, 2, 3, 0, 4}).reshape({t.size(1), t.size(2), t.size(3), L * t.size(4)});
   };
   a.Dv *= L;
-  auto grads = backward_impl(a, side_by_side(grad_out), q, k, side_by_side(v), side_by_side(out), lse, mask, true);
+  auto grads =
+      backward_impl(a, side_by_side(grad_out), q, k, side_by_side(v), side_by_side(out), lse, mask, true, false);
   return {std::get<0>(grads), std::get<1>(grads)};
 }
 

@@ -272,6 +272,28 @@ bool try_mma_bwd_padded(const AttnNames& n, const AttnArgs& a, const at::Tensor&
 
 at::Tensor opt_mask(const c10::optional<at::Tensor>& mask);
 
+// The similarity kernels' parameters (tensor-core and SIMT alike): the layers' Q and K, the mask, the per-block
+// work rows and partial sums, the shape, and the key tile BN.
+template <class scalar_t, class acc_t>
+SimParams<scalar_t, acc_t> sim_params(const SimArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& m,
+                                      const at::Tensor& work, const at::Tensor& partial, int64_t npairs,
+                                      int64_t ngroups, int BN) {
+  SimParams<scalar_t, acc_t> p{};
+  p.q = q.data_ptr<scalar_t>();
+  p.k = k.data_ptr<scalar_t>();
+  if (m.defined()) {
+    p.mask = m.data_ptr<bool>();
+    p.m_sb = m.stride(0); p.m_sh = m.stride(1); p.m_sq = m.stride(2); p.m_sk = m.stride(3);
+  }
+  p.work = work.data_ptr<acc_t>();
+  p.partial = partial.data_ptr<acc_t>();
+  p.L = a.L; p.B = a.B; p.H = a.H; p.Hk = a.Hk; p.Tq = a.Tq; p.Tk = a.Tk; p.group = a.group; p.off = a.off;
+  p.npairs = npairs; p.ngroups = ngroups;
+  p.D = static_cast<int>(a.D); p.BN = BN; p.causal = a.causal; p.cosine = a.cosine;
+  p.scale = static_cast<acc_t>(a.scale);
+  return p;
+}
+
 // attention_similarity on tensor cores (attention_similarity_mma_kernel) for float16 / bfloat16 with head_dim
 // 64 / 96 / 128 on sm_80+, when the L layers' probability tiles fit in shared memory: the per-block partial
 // sums (grid, npairs + 1); undefined otherwise (the SIMT kernel runs).
@@ -296,19 +318,7 @@ at::Tensor similarity_mma(const SimArgs& a, const at::Tensor& qs, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_similarity_cuda", [&] {
     if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
       constexpr bool bf = std::is_same_v<scalar_t, at::BFloat16>;
-      SimParams<scalar_t, float> p{};
-      p.q = q.data_ptr<scalar_t>();
-      p.k = k.data_ptr<scalar_t>();
-      if (m.defined()) {
-        p.mask = m.data_ptr<bool>();
-        p.m_sb = m.stride(0); p.m_sh = m.stride(1); p.m_sq = m.stride(2); p.m_sk = m.stride(3);
-      }
-      p.work = work.data_ptr<float>();
-      p.partial = partial.data_ptr<float>();
-      p.L = a.L; p.B = a.B; p.H = a.H; p.Hk = a.Hk; p.Tq = a.Tq; p.Tk = a.Tk; p.group = a.group; p.off = a.off;
-      p.npairs = npairs; p.ngroups = ngroups;
-      p.D = static_cast<int>(a.D); p.BN = kSimMmaBN; p.causal = a.causal; p.cosine = a.cosine;
-      p.scale = static_cast<float>(a.scale);
+      const auto p = sim_params<scalar_t, float>(a, q, k, m, work, partial, npairs, ngroups, kSimMmaBN);
       auto run = [&](auto kernel) {
         allow_smem(kernel, smem, "attention_similarity");
         launch(kernel, static_cast<unsigned>(grid), kAttnMmaThreads, smem, p);
@@ -600,19 +610,7 @@ at::Tensor attention_similarity_cuda(KDK_ATTENTION_SIMILARITY_ARGS) {
       KDK_CHECK("attention_similarity", BN > 0, "too many layers for one pass: ", L, " layers of head_dim ", a.D,
                 " need ", attention_smem_sim<acc_t>(L, static_cast<int>(a.D), 8),
                 " bytes of shared memory per block; the device allows ", limit, " (compare fewer layers at a time)");
-      SimParams<scalar_t, acc_t> p{};
-      p.q = q.data_ptr<scalar_t>();
-      p.k = k.data_ptr<scalar_t>();
-      if (m.defined()) {
-        p.mask = m.data_ptr<bool>();
-        p.m_sb = m.stride(0); p.m_sh = m.stride(1); p.m_sq = m.stride(2); p.m_sk = m.stride(3);
-      }
-      p.work = work.data_ptr<acc_t>();
-      p.partial = partial.data_ptr<acc_t>();
-      p.L = L; p.B = a.B; p.H = a.H; p.Hk = a.Hk; p.Tq = a.Tq; p.Tk = a.Tk; p.group = a.group; p.off = a.off;
-      p.npairs = npairs; p.ngroups = ngroups;
-      p.D = static_cast<int>(a.D); p.BN = BN; p.causal = a.causal; p.cosine = a.cosine;
-      p.scale = static_cast<acc_t>(a.scale);
+      const auto p = sim_params<scalar_t, acc_t>(a, q, k, m, work, partial, npairs, ngroups, BN);
       const size_t smem = attention_smem_sim<acc_t>(L, p.D, BN);
       auto kernel = attention_similarity_kernel<scalar_t, acc_t>;
       allow_smem(kernel, smem, "attention_similarity");

@@ -33,6 +33,37 @@ __device__ __forceinline__ void attn_mma_load(uint16_t* dst, const scalar_t* src
   }
 }
 
+// The A fragment of this warp's 16 rows (query or dO rows, from Aw, rows of LD) at head columns kk*16 .. +15.
+__device__ __forceinline__ void attn_a_frag(uint32_t (&a)[4], const uint16_t* Aw, int LD, int kk, int lane) {
+  tile::ldmatrix<4>(a, Aw + ((lane & 7) + 8 * ((lane >> 3) & 1)) * LD + kk * 16 + 8 * (lane >> 4));
+}
+
+// S[j] += A B_j^T over NT 8-key tiles at head columns kk*16 .. +15 (S = Q K^T, dP = dO V^T): the key rows
+// [key][d] of K or V (rows of LD) are the col-major B, two key tiles per ldmatrix.x4.
+template <bool kBF16, int NT>
+__device__ __forceinline__ void attn_abt_step(float (&s)[NT][4], const uint32_t (&a)[4], const uint16_t* Ks, int LD,
+                                             int kk, int lane) {
+  for (int j = 0; j < NT; j += 2) {
+    uint32_t f[4];
+    tile::ldmatrix<4>(f, Ks + (8 * j + (lane & 7) + 8 * (lane >> 4)) * LD + kk * 16 + 8 * ((lane >> 3) & 1));
+    const uint32_t b0[2] = {f[0], f[1]}, b1[2] = {f[2], f[3]};
+    tile::mma16816<kBF16>(s[j], a, b0, s[j]);
+    tile::mma16816<kBF16>(s[j + 1], a, b1, s[j + 1]);
+  }
+}
+
+// S = Q K^T for this warp's 16 query rows (Qw) against NT 8-key tiles (Ks), over KS 16-column steps of the head.
+template <bool kBF16, int NT, int KS>
+__device__ __forceinline__ void attn_qk(float (&s)[NT][4], const uint16_t* Qw, const uint16_t* Ks, int LD, int lane) {
+  for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < 4; ++i) s[j][i] = 0.f;
+  for (int kk = 0; kk < KS; ++kk) {
+    uint32_t a[4];
+    attn_a_frag(a, Qw, LD, kk, lane);
+    attn_abt_step<kBF16, NT>(s, a, Ks, LD, kk, lane);
+  }
+}
+
 // Dynamic shared memory: the query tile and two stages of K and V, rows of D + 8 16-bit values.
 inline size_t attention_mma_smem(int D) { return sizeof(uint16_t) * size_t(kAttnMmaBM + 4 * kAttnMmaBN) * (D + 8); }
 
@@ -88,8 +119,7 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_fwd_mma_kernel(Attn
     tile::cp_async_wait<1>();  // all but the newest group: the query tile and tile `it` have landed
     __syncthreads();
     if (it == 0) {  // the warp's 16 query rows as A fragments, kept in registers for every key tile
-      for (int kk = 0; kk < KS; ++kk)
-        tile::ldmatrix<4>(qf[kk], Qs + (warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + kk * 16 + 8 * (lane >> 4));
+      for (int kk = 0; kk < KS; ++kk) attn_a_frag(qf[kk], Qs + warp * 16 * LD, LD, kk, lane);
     }
     const uint16_t* Kt = Ks + stage * BN * LD;
     const uint16_t* Vt = Vs + stage * BN * LD;
@@ -98,14 +128,7 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_fwd_mma_kernel(Attn
     float s[NT][4];
     for (int j = 0; j < NT; ++j)
       for (int i = 0; i < 4; ++i) s[j][i] = 0.f;
-    for (int kk = 0; kk < KS; ++kk)
-      for (int j = 0; j < NT; j += 2) {
-        uint32_t kb[4];  // key tiles j and j + 1, d columns kk*16 .. +7 and +8 .. +15
-        tile::ldmatrix<4>(kb, Kt + (8 * j + (lane & 7) + 8 * (lane >> 4)) * LD + kk * 16 + 8 * ((lane >> 3) & 1));
-        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-        tile::mma16816<kBF16>(s[j], qf[kk], b0, s[j]);
-        tile::mma16816<kBF16>(s[j + 1], qf[kk], b1, s[j + 1]);
-      }
+    for (int kk = 0; kk < KS; ++kk) attn_abt_step<kBF16, NT>(s, qf[kk], Kt, LD, kk, lane);
 
     // scale, mask (causal, boolean mask, keys past Tk, rows past Tq), softmax numerators
     for (int j = 0; j < NT; ++j)
@@ -431,18 +454,8 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_dq_mma_kernel(A
     __syncthreads();
     float s[NT][4], dp[NT][4];
     for (int j = 0; j < NT; ++j)
-      for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.f;
-    for (int kk = 0; kk < KS; ++kk) {  // S = Q K^T, K rows as the col-major B
-      uint32_t aq[4];
-      tile::ldmatrix<4>(aq, Qs + (qw + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + kk * 16 + 8 * (lane >> 4));
-      for (int j = 0; j < NT; j += 2) {
-        uint32_t fk[4];
-        tile::ldmatrix<4>(fk, Ks + (8 * j + (lane & 7) + 8 * (lane >> 4)) * LD + kk * 16 + 8 * ((lane >> 3) & 1));
-        const uint32_t k0[2] = {fk[0], fk[1]}, k1[2] = {fk[2], fk[3]};
-        tile::mma16816<kBF16>(s[j], aq, k0, s[j]);
-        tile::mma16816<kBF16>(s[j + 1], aq, k1, s[j + 1]);
-      }
-    }
+      for (int i = 0; i < 4; ++i) dp[j][i] = 0.f;
+    attn_qk<kBF16, NT, KS>(s, Qs + qw * LD, Ks, LD, lane);
     for (int l = 0; l < p.layers; ++l) {  // dP = dO V^T; a group: the sum over its layers of dO_l V_l^T
       if (l > 0) {
         __syncthreads();  // every warp is done with V_{l-1}
@@ -453,14 +466,8 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_bwd_dq_mma_kernel(A
       }
       for (int kk = 0; kk < KS; ++kk) {
         uint32_t ad[4];
-        tile::ldmatrix<4>(ad, dOs + (l * BM + qw + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + kk * 16 + 8 * (lane >> 4));
-        for (int j = 0; j < NT; j += 2) {
-          uint32_t fv[4];
-          tile::ldmatrix<4>(fv, Vs + (8 * j + (lane & 7) + 8 * (lane >> 4)) * LD + kk * 16 + 8 * ((lane >> 3) & 1));
-          const uint32_t v0[2] = {fv[0], fv[1]}, v1[2] = {fv[2], fv[3]};
-          tile::mma16816<kBF16>(dp[j], ad, v0, dp[j]);
-          tile::mma16816<kBF16>(dp[j + 1], ad, v1, dp[j + 1]);
-        }
+        attn_a_frag(ad, dOs + (l * BM + qw) * LD, LD, kk, lane);
+        attn_abt_step<kBF16, NT>(dp, ad, Vs, LD, kk, lane);
       }
     }
     for (int j = 0; j < NT; ++j)  // dS = P (dP - delta)
@@ -529,17 +536,7 @@ __global__ void __launch_bounds__(kAttnMmaThreads) attention_probs_mma_kernel(At
     tile::cp_async_commit();
     tile::cp_async_wait<0>();
     __syncthreads();
-    for (int kk = 0; kk < KS; ++kk) {  // S = Q K^T, K rows as the col-major B
-      uint32_t a[4];
-      tile::ldmatrix<4>(a, Qs + (qw + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + kk * 16 + 8 * (lane >> 4));
-      for (int j = 0; j < NT; j += 2) {
-        uint32_t f[4];
-        tile::ldmatrix<4>(f, Ks + (8 * j + (lane & 7) + 8 * (lane >> 4)) * LD + kk * 16 + 8 * ((lane >> 3) & 1));
-        const uint32_t b0[2] = {f[0], f[1]}, b1[2] = {f[2], f[3]};
-        tile::mma16816<kBF16>(s[j], a, b0, s[j]);
-        tile::mma16816<kBF16>(s[j + 1], a, b1, s[j + 1]);
-      }
-    }
+    attn_qk<kBF16, NT, KS>(s, Qs + qw * LD, Ks, LD, lane);
   }
   for (int r = 0; r < 2; ++r) {
     const int64_t gi = m0 + qw + g + 8 * r;
@@ -604,16 +601,7 @@ __global__ void __launch_bounds__(kAttnMmaThreads, 1) attention_similarity_mma_k
       __syncthreads();
     };
     auto scores = [&](float (&s)[NT][4]) {  // this warp's 16 rows x the 16 keys, unscaled
-      for (int j = 0; j < NT; ++j)
-        for (int i = 0; i < 4; ++i) s[j][i] = 0.f;
-      for (int kk = 0; kk < KS; ++kk) {
-        uint32_t a[4], f[4];
-        tile::ldmatrix<4>(a, Qs + (qw + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + kk * 16 + 8 * (lane >> 4));
-        tile::ldmatrix<4>(f, Ks + ((lane & 7) + 8 * (lane >> 4)) * LD + kk * 16 + 8 * ((lane >> 3) & 1));
-        const uint32_t b0[2] = {f[0], f[1]}, b1[2] = {f[2], f[3]};
-        tile::mma16816<kBF16>(s[0], a, b0, s[0]);
-        tile::mma16816<kBF16>(s[1], a, b1, s[1]);
-      }
+      attn_qk<kBF16, NT, KS>(s, Qs + qw * LD, Ks, LD, lane);
     };
     auto visible = [&](int64_t gi, int64_t gj) {
       return gi < p.Tq && gj < kend && !(p.causal && gj > gi + p.off) && (mp == nullptr || mp[gi * p.m_sq + gj * p.m_sk]);
