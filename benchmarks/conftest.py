@@ -88,10 +88,16 @@ def pytest_collection_modifyitems(config, items):
     only = config.getoption("kdk_impls")
     if not only:
         return
+    wanted = {name.strip() for name in only.split(",") if name.strip()}
+    impls = {item.callspec.params["impl"] for item in items
+             if getattr(item, "callspec", None) and "impl" in item.callspec.params}
+    if impls and wanted - impls:  # a typo would otherwise deselect everything in silence
+        raise pytest.UsageError(f"--kdk-impls: unknown implementation(s) {sorted(wanted - impls)}; "
+                                f"the collected suites have {sorted(impls)}")
     keep, drop = [], []
     for item in items:
         impl = getattr(item, "callspec", None) and item.callspec.params.get("impl")
-        (drop if impl and impl not in only.split(",") else keep).append(item)
+        (drop if impl and impl not in wanted else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -130,9 +136,8 @@ class Bench:
         try:
             loss = synced()
         except Exception as e:
-            oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
-            if required(impl) and not oom:
-                raise
+            if required(impl) and not (impl == BASELINE and _out_of_memory(e)):
+                raise  # kdkernels out of memory is a failed memory bar, not a skip
             why = f"{impl} cannot run here: {type(e).__name__}: {str(e)[:300]}"
         if why is not None:  # outside the except block, so the failed call's tensors are already freed
             if device.type == "cuda":
@@ -151,12 +156,20 @@ class Bench:
 
         b = self.benchmark
         b.group = f"{op}{' ' + case if case else ''} {shape_id(shape)} [{device.type}]"
-        b.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=0)
-        peak = common.peak_memory(step, device, setup=mem_setup)
+        # Stamped before timing, so a row that a SIGINT (gpu_check.sh's timeout) cuts short still says what it is.
         b.extra_info.update(common.env_info(device))
         b.extra_info.update(op=op, case=case, impl=impl, device_type=device.type, first_call_s=round(first_s, 3),
-                            peak_bytes=peak, memory=common.memory_label(device),
+                            memory=common.memory_label(device),
                             **{k: str(v).replace("torch.", "") for k, v in shape.items()})
+        try:
+            b.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=0)
+        except KeyboardInterrupt:
+            # pytest-benchmark registers the row when timing starts; one with no round would fail the whole
+            # JSON at the end of the session, so it is marked as an error, which leaves it out.
+            if not getattr(b, "stats", None):  # Metadata is falsy until a round is recorded
+                b.has_error = True
+            raise
+        b.extra_info["peak_bytes"] = common.peak_memory(step, device, setup=mem_setup)
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             b.extra_info["loss"] = float(loss.detach().float())
         if floor_ms is not None:
@@ -171,12 +184,19 @@ class Bench:
             torch.cuda.empty_cache()
 
 
+def _out_of_memory(e: Exception) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # torch.OutOfMemoryError: 2.5+
+    return isinstance(e, oom) or "out of memory" in str(e)
+
+
 def _fingerprint(g: torch.Tensor) -> torch.Tensor:
-    """A gradient's rows projected on one fixed random vector (float64, on the host): a few numbers per row
-    that any wrong element moves, without keeping a vocabulary-sized copy for the comparison."""
+    """A gradient's rows projected on one fixed random vector, in float32 (chunks of rows, so a bf16 gradient
+    is neither rounded to bf16 in the product nor copied whole), returned in float64 on the host: a few
+    numbers per row that any wrong element moves, without keeping a vocabulary-sized copy for the comparison."""
     g = g.detach().reshape(-1, g.shape[-1]) if g.dim() else g.detach().reshape(1, 1)
     r = torch.randn(g.shape[-1], generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
-    return (g @ r.to(g.device, g.dtype)).double().cpu()
+    r = r.to(g.device, torch.float64 if g.dtype == torch.float64 else torch.float32)
+    return torch.cat([c.to(r.dtype) @ r for c in g.split(4096)]).double().cpu()
 
 
 _GRADS: dict = {}  # group -> impl -> (fingerprint, that row's extra_info)

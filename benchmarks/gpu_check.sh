@@ -153,9 +153,10 @@ BENCH_JSONS=()
 for b in "${BENCH_FILES[@]}"; do
     stem=$(basename "$b" .py)
     js="$WORK/$stem.json"
-    # Each suite gets an even share of what is left before the sanitizers' reserve, within [60, 240] s.
+    # Each suite gets an even share of what is left before the sanitizers' reserve, within [30, 240] s (a suite cut
+    # short keeps the rows it timed).
     share=$(( (BUDGET - $(elapsed) - 10 - SANITIZER_RESERVE) / n_left ))
-    (( share < 60 )) && share=60
+    (( share < 30 )) && share=30
     (( share > 240 )) && share=240
     n_left=$(( n_left - 1 ))
     # shellcheck disable=SC2086  # BENCH_ARGS is a word list on purpose

@@ -102,11 +102,15 @@ def _e(x) -> str:
 
 def header(rs: list[dict]) -> str:
     """Which code on which machine: the stamp every row carries (one line per distinct stamp)."""
-    stamps = dict.fromkeys((r.get("commit"), r.get("kdkernels"), r.get("torch"), r.get("cuda"), r.get("device"),
-                            json.dumps(r.get("ceilings") or {}, sort_keys=True)) for r in rs)
+    stamps = dict.fromkeys((r.get("commit"), r.get("kdkernels"), r.get("torch"), r.get("cuda"), r.get("device"))
+                           for r in rs)
     out = []
-    for commit, kdk, torch_v, cuda, dev, ceil in stamps:
-        c = "".join(f", {k} {v}" for k, v in json.loads(ceil).items())
+    for commit, kdk, torch_v, cuda, dev in stamps:
+        ceil: dict = {}  # measured as floors are needed, so later rows carry more: the union, once per device
+        for r in rs:
+            if r.get("device") == dev:
+                ceil.update(r.get("ceilings") or {})
+        c = "".join(f", {k} {v}" for k, v in ceil.items())
         out.append(f"commit {commit}, kdkernels {kdk}, torch {torch_v}, CUDA {cuda}, device {dev}{c}")
     return "\n".join(out)
 
@@ -131,7 +135,9 @@ def markdown(benches: Iterable[dict]) -> str:
         lines += [""] + notes
     n_pass = sum(r.get("result") == "PASS" for r in rs)
     n_fail = sum(r.get("result") == "FAIL" for r in rs)
-    lines += ["", f"bars: {n_pass} PASS, {n_fail} FAIL"]
+    n_bars = [b.rsplit("[", 1)[-1] for r in rs for b in r.get("bar_results") or []]
+    lines += ["", f"bars: {n_bars.count('PASS]')} PASS, {n_bars.count('FAIL]')} FAIL, {n_bars.count('n/a]')} n/a "
+              f"(rows: {n_pass} PASS, {n_fail} FAIL)"]
     return "\n".join(lines)
 
 

@@ -35,7 +35,8 @@ def bench_commands(bench_dir, ops, rest):
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
         raise FileNotFoundError(f"no benchmark suite {missing[0]}")
-    out = next((a.split("=", 1)[1] for a in rest if a.startswith("--benchmark-json=")), None)
+    out = next((a.split("=", 1)[1] if "=" in a else (rest[i + 1] if i + 1 < len(rest) else None)
+                for i, a in enumerate(rest) if a.split("=", 1)[0] == "--benchmark-json"), None)
     extra = [] if out else ["--benchmark-json=bench.json"]
     pytest = [sys.executable, "-m", "pytest", *files, "--benchmark-only", "--benchmark-group-by=group",
               "-p", "no:cacheprovider", *extra, *rest]

@@ -74,3 +74,10 @@ def test_every_suite_runs_on_cpu(tmp_path):
         assert info["commit"] and info["device_type"] == "cpu" and info["ms"] > 0 and "ratio_to_eager" in info
     md = subprocess.run([sys.executable, str(ROOT / "benchmarks/report.py"), str(out)], capture_output=True, text=True)
     assert md.returncode == 0 and md.stdout.count("| kdkernels |") >= len(OPS)
+
+
+def test_unknown_impl_is_a_usage_error():
+    res = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "benchmarks/test_bench_sinkhorn.py"), "--collect-only",
+                          "-q", "--kdk-device", "cpu", "--kdk-impls", "kdkernels, eagre", "-p", "no:cacheprovider"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 4 and "unknown implementation(s) ['eagre']" in res.stderr + res.stdout, res.stderr[-2000:]

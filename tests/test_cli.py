@@ -33,6 +33,8 @@ def test_bench_commands(tmp_path):
     assert render[1:] == [str(bench / "report.py"), "bench.json"]
     run, render = cli.bench_commands(str(bench), [], ["--benchmark-json=x.json"])
     assert run[3] == str(bench) and render[-1] == "x.json" and "--benchmark-json=bench.json" not in run
+    run, render = cli.bench_commands(str(bench), [], ["--benchmark-json", "y.json", "--kdk-quick"])
+    assert render[-1] == "y.json" and "--benchmark-json=bench.json" not in run
     with pytest.raises(FileNotFoundError, match="test_bench_nope.py"):
         cli.bench_commands(str(bench), ["nope"], [])
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the sdist and, from it, the wheel (`python -m build --no-isolation`), installs each into its own fresh
-# virtual environment with --no-build-isolation, and runs one loss forward and backward there (issue 15).
+# Builds the sdist of the committed HEAD and, from it, the wheel (`python -m build --no-isolation`), installs each
+# into its own fresh virtual environment with --no-build-isolation, and runs one loss forward and backward there.
 #
 # Usage: bash tools/dist_check.sh [python]   (default .venv/bin/python: it must have torch, setuptools, pybind11,
 # ninja, numpy). CPU-only (KDKERNELS_FORCE_CPU=1) unless DIST_CHECK_CUDA=1: what is checked here is packaging.
